@@ -52,7 +52,7 @@ PRESETS = {
         frames=2_621_440, test_frames=65_536,                     # 80 train chunks, like the authors' default
         impala_scale=4, fdm_width=24, batch_size=128,
         stage1_steps=50_000, stage2_steps=60_000, eval_every=500, ckpt_every=2000,
-        eval_windows=1024, probe_windows=4096, vq_decay=0.999, vq_restart=0.0,
+        eval_windows=1024, probe_windows=4096, vq_decay=0.999, vq_restart=0.0, fdm_residual=0,
         eval_episodes=64, decoder_steps=2000, bc_steps=2000, labels="16,64,256,1024",
         **{"stage1.lr": 3e-4, "stage2.lr": 2e-4,
            "online.frames": 4_000_000, "online.num_envs": 64, "online.num_steps": 64, "online.lr": 1e-2,
@@ -63,7 +63,7 @@ PRESETS = {
         frames=65_536, test_frames=8192,
         impala_scale=1, fdm_width=8, batch_size=64,
         stage1_steps=2000, stage2_steps=2000, eval_every=500, ckpt_every=500,
-        eval_windows=512, probe_windows=2048, vq_decay=0.99, vq_restart=0.0,     # faster EMA: 2k steps, not 50k
+        eval_windows=512, probe_windows=2048, vq_decay=0.99, vq_restart=0.0, fdm_residual=0,     # faster EMA: 2k steps, not 50k
         eval_episodes=32, decoder_steps=1000, bc_steps=1000, labels="64,256,1024",
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,  # short runs learn faster with a higher peak LR (measured)
            "online.frames": 200_000, "online.num_envs": 32, "online.num_steps": 64, "online.lr": 1e-2,
@@ -74,7 +74,7 @@ PRESETS = {
         frames=2048, test_frames=1024,
         impala_scale=0.25, fdm_width=4, batch_size=16,
         stage1_steps=30, stage2_steps=30, eval_every=15, ckpt_every=15,
-        eval_windows=64, probe_windows=256, vq_decay=0.9, vq_restart=0.0,
+        eval_windows=64, probe_windows=256, vq_decay=0.9, vq_restart=0.0, fdm_residual=0,
         eval_episodes=2, decoder_steps=50, bc_steps=50, labels="16,64",
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,
            "online.frames": 2048, "online.num_envs": 8, "online.num_steps": 32, "online.lr": 1e-2,
@@ -547,9 +547,10 @@ class FDM(nn.Module):
     64x64 -> 5 down blocks (w, 2w, 4w, 8w, 16w) with max-pool -> 2x2 conv to 32w at 1x1 -> mirrored up path
     (transposed conv, concat skip, conv block)."""
 
-    def __init__(self, latent_dim=128, width=24, depth=5):
+    def __init__(self, latent_dim=128, width=24, depth=5, residual=False):
         super().__init__()
         widths = [width * 2 ** i for i in range(depth)]
+        self.residual = residual
         self.z_in = TiledLatentConv(latent_dim, width)  # the latent's share of the first conv
         self.down = nn.ModuleList()
         c = 6
@@ -564,6 +565,9 @@ class FDM(nn.Module):
             self.up_blocks.append(ConvBlock(2 * skip, out, res=False))
             c = out
         self.head = nn.Sequential(nn.Conv2d(c + 6, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 3, 1))
+        if residual:  # start as an exact copy of o_t, so all learning goes into what changes
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, frames, zq):
         """frames uint8 (B, 2, H, W, C) = (o_{t-1}, o_t); zq (B, latent) -> prediction of o_{t+1} in [-0.5, 0.5]."""
@@ -577,7 +581,10 @@ class FDM(nn.Module):
         x = torch.cat([F.relu(self.mid(x)), zq.to(x.dtype)[:, :, None, None]], 1)  # latent again at 1x1
         for up, block in zip(self.ups, self.up_blocks):
             x = block(torch.cat([up(x), skips.pop()], 1))
-        return torch.tanh(self.head(torch.cat([x, x_in.to(x.dtype)], 1))) / 2
+        out = self.head(torch.cat([x, x_in.to(x.dtype)], 1))
+        if self.residual:  # o_{t+1} = o_t + change (the change lies in [-1, 1])
+            return x_in[:, 3:].to(out.dtype) + torch.tanh(out)
+        return torch.tanh(out) / 2  # the paper's output, in the range of the scaled frames
 
 
 class Decoder(nn.Module):
@@ -811,7 +818,7 @@ def stage1(args, train=None, test=None):
     amp = use_amp(args, device)
     seed_everything(args.seed)
     idm = build_idm(vars(args)).to(device, memory_format=torch.channels_last)
-    fdm = FDM(args.latent_dim, args.fdm_width).to(device, memory_format=torch.channels_last)
+    fdm = FDM(args.latent_dim, args.fdm_width, residual=args.fdm_residual).to(device, memory_format=torch.channels_last)
     params = list(idm.parameters()) + list(fdm.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, fused=device.type == "cuda")
     if device.type == "cuda":
@@ -1402,6 +1409,8 @@ def build_parser():
     sp.add_argument("--commit-weight", type=float, default=0.05, help="commitment loss weight")
     sp.add_argument("--no-vq", dest="vq", action="store_false", help="ablation: no VQ bottleneck")
     sp.add_argument("--fdm-width", type=int, default=None, help="U-Net base width (paper: 24)")
+    sp.add_argument("--fdm-residual", type=int, choices=(0, 1), default=None,
+                    help="1: the FDM predicts o_t + change, starting as a copy (paper: 0, predicts o_{t+1} directly)")
     sp.add_argument("--probe-windows", type=int, default=None, help="labeled test windows for the probe (half train)")
     sp.set_defaults(func=lambda a: stage1(a))
 
