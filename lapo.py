@@ -52,7 +52,7 @@ PRESETS = {
         frames=2_621_440, test_frames=65_536,                     # 80 train chunks, like the authors' default
         impala_scale=4, fdm_width=24, batch_size=128,
         stage1_steps=50_000, stage2_steps=60_000, eval_every=500, ckpt_every=2000,
-        eval_windows=1024, probe_windows=4096, vq_decay=0.999, vq_restart=0.0, fdm_residual=0,
+        eval_windows=1024, probe_windows=4096, vq_decay=0.999, vq_restart=0.0, fdm_residual=0, idm_diff=0,
         eval_episodes=64, decoder_steps=2000, bc_steps=2000, labels="16,64,256,1024",
         **{"stage1.lr": 3e-4, "stage2.lr": 2e-4,
            "online.frames": 4_000_000, "online.num_envs": 64, "online.num_steps": 64, "online.lr": 1e-2,
@@ -63,7 +63,7 @@ PRESETS = {
         frames=65_536, test_frames=8192,
         impala_scale=1, fdm_width=8, batch_size=64,
         stage1_steps=2000, stage2_steps=2000, eval_every=500, ckpt_every=500,
-        eval_windows=512, probe_windows=2048, vq_decay=0.99, vq_restart=0.0, fdm_residual=0,     # faster EMA: 2k steps, not 50k
+        eval_windows=512, probe_windows=2048, vq_decay=0.99, vq_restart=0.0, fdm_residual=0, idm_diff=0,     # faster EMA: 2k steps, not 50k
         eval_episodes=32, decoder_steps=1000, bc_steps=1000, labels="64,256,1024",
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,  # short runs learn faster with a higher peak LR (measured)
            "online.frames": 200_000, "online.num_envs": 32, "online.num_steps": 64, "online.lr": 1e-2,
@@ -74,7 +74,7 @@ PRESETS = {
         frames=2048, test_frames=1024,
         impala_scale=0.25, fdm_width=4, batch_size=16,
         stage1_steps=30, stage2_steps=30, eval_every=15, ckpt_every=15,
-        eval_windows=64, probe_windows=256, vq_decay=0.9, vq_restart=0.0, fdm_residual=0,
+        eval_windows=64, probe_windows=256, vq_decay=0.9, vq_restart=0.0, fdm_residual=0, idm_diff=0,
         eval_episodes=2, decoder_steps=50, bc_steps=50, labels="16,64",
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,
            "online.frames": 2048, "online.num_envs": 8, "online.num_steps": 32, "online.lr": 1e-2,
@@ -492,18 +492,30 @@ class VectorQuantizer(nn.Module):
             self.cluster_size.masked_fill_(dead, 1.0)
 
 
+DIFF_GAIN = 8.0  # frame differences are small (most pixels do not change); scale them to the frames' range
+
+
 class IDM(nn.Module):
-    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q."""
+    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q.
+
+    diff_input re-expresses the stacked frames as (o_t, o_t - o_{t-1}, o_{t+1} - o_t): the same information
+    (the map is linear and invertible), but the change, which carries the action, no longer has to be found by
+    the first convolution under a bright static background. The paper feeds the frames (diff_input=False)."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999, vq_restart=0.0):
+                 vq_decay=0.999, vq_restart=0.0, diff_input=False):
         super().__init__()
+        self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
         self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay,
                                   restart=vq_restart) if vq else None
 
     def forward(self, window):
-        z = self.encoder(preprocess(window))
+        x = preprocess(window)
+        if self.diff_input:  # (o_t, 8(o_t - o_{t-1}), 8(o_{t+1} - o_t)): an invertible linear map of the same frames
+            prev, cur, nxt = x[:, :3], x[:, 3:6], x[:, 6:]
+            x = torch.cat([cur, DIFF_GAIN * (cur - prev), DIFF_GAIN * (nxt - cur)], 1)
+        z = self.encoder(x)
         if self.vq is None:  # the paper's no-VQ ablation: the FDM sees the continuous latent
             zero = z.new_zeros((), dtype=torch.float32)
             return {"z": z, "zq": z, "commit": zero, "perplexity": zero}
@@ -807,7 +819,7 @@ def probe_accuracy(z, y, seed=0, steps=300):
 
 def build_idm(cfg):
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"], cfg["num_codebooks"],
-               cfg["codebook_size"], cfg["vq_decay"], cfg.get("vq_restart", 0.0))
+               cfg["codebook_size"], cfg["vq_decay"], cfg.get("vq_restart", 0.0), bool(cfg.get("idm_diff", 0)))
 
 
 def stage1(args, train=None, test=None):
@@ -1409,6 +1421,8 @@ def build_parser():
     sp.add_argument("--commit-weight", type=float, default=0.05, help="commitment loss weight")
     sp.add_argument("--no-vq", dest="vq", action="store_false", help="ablation: no VQ bottleneck")
     sp.add_argument("--fdm-width", type=int, default=None, help="U-Net base width (paper: 24)")
+    sp.add_argument("--idm-diff", type=int, choices=(0, 1), default=None,
+                    help="1: the IDM sees (o_t, frame differences) instead of the 3 frames (paper: 0)")
     sp.add_argument("--fdm-residual", type=int, choices=(0, 1), default=None,
                     help="1: the FDM predicts o_t + change, starting as a copy (paper: 0, predicts o_{t+1} directly)")
     sp.add_argument("--probe-windows", type=int, default=None, help="labeled test windows for the probe (half train)")
