@@ -1468,8 +1468,15 @@ def bench(args):
 # ==============================================================================================
 # COMMAND LINE
 # ==============================================================================================
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown preset, a missing flag) are LapoErrors: one line, like every user error."""
+
+    def error(self, message):
+        raise LapoError(f"{self.prog}: {message} (see --help)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="LAPO: Learning to Act without Actions (single-file reference)")
+    p = Parser(description="LAPO: Learning to Act without Actions (single-file reference)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, out_default, resume=True):
@@ -1621,8 +1628,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -395,5 +395,6 @@ def test_bench_cli_tiny(tmp_path):
         assert b[k] > 0, k
     assert 0 < b["probe_eval_frac"] < 1 and "reference" not in b  # the paper's figures only with --preset paper
     assert json.load(open(tmp_path / "bench_summary.json")) == {"bench": b}
-    r = run_cli("bench", "--preset", "tiny", "--steps", 0, ok=False)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    for bad in (("--preset", "huge"), ("--preset", "tiny", "--steps", 0)):
+        r = run_cli("bench", *bad, ok=False)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
