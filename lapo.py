@@ -272,6 +272,7 @@ def collect(args):
         if meta.get("game") not in (None, args.env):
             raise LapoError(f"{args.policy} was trained on {meta['game']}, not {args.env}")
     amp, summaries = use_amp(args, device), {}
+    args.collected = summaries  # each split's summary, for callers (bench)
     for split, frames, seed in (("train", args.frames, args.seed), ("test", args.test_frames, args.seed + 10_000)):
         folder = os.path.join(args.out, args.env, split)
         if os.path.isdir(folder) and any(f.endswith(".npz") for f in os.listdir(folder)):
@@ -837,10 +838,9 @@ def build_idm(cfg):
                cfg["codebook_size"], cfg["vq_decay"], cfg.get("vq_restart", 0.0), bool(cfg.get("idm_diff", 0)))
 
 
-def stage1(args, train=None, test=None):
-    """Train the latent IDM and the FDM jointly on action-free video. -> (idm, fdm, summary)."""
-    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
-    test_data = test or load_split(args.data, "test", args.max_chunks)
+def build_stage1(args, train_data, test_data, device):
+    """Stage 1's models, optimizer, LR schedule, train step and evaluation: what train_loop runs (and bench times).
+    -> (modules, opt, lr_fn, train_step, evaluate)"""
     args.game = train_data.game
     amp = use_amp(args, device)
     seed_everything(args.seed)
@@ -888,10 +888,17 @@ def stage1(args, train=None, test=None):
                 idm_latents(idm, test_data, probe_c, device, amp), test_data.labels(probe_c), args.seed)
         return m
 
-    summary = train_loop("stage1", args, {"idm": idm, "fdm": fdm}, opt,
-                         make_lr_fn(args.stage1_steps, 50, 0.1, 0.01), train_step, evaluate, args.stage1_steps)
+    return {"idm": idm, "fdm": fdm}, opt, make_lr_fn(args.stage1_steps, 50, 0.1, 0.01), train_step, evaluate
+
+
+def stage1(args, train=None, test=None):
+    """Train the latent IDM and the FDM jointly on action-free video. -> (idm, fdm, summary)."""
+    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
+    test_data = test or load_split(args.data, "test", args.max_chunks)
+    modules, opt, lr_fn, train_step, evaluate = build_stage1(args, train_data, test_data, device)
+    summary = train_loop("stage1", args, modules, opt, lr_fn, train_step, evaluate, args.stage1_steps)
     write_summary(args.out, "stage1", summary)
-    return idm.eval(), fdm.eval(), summary
+    return modules["idm"].eval(), modules["fdm"].eval(), summary
 
 
 def load_stage1(out, device, data_game=None):
@@ -909,10 +916,9 @@ def load_stage1(out, device, data_game=None):
 # ==============================================================================================
 # STAGE 2: latent behaviour cloning pi(o_t) -> z_t on IDM-labeled frames
 # ==============================================================================================
-def stage2(args, train=None, test=None):
-    """Behaviour-clone the latent policy on the frozen IDM's latents. -> (policy, summary)."""
-    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
-    test_data = test or load_split(args.data, "test", args.max_chunks)
+def build_stage2(args, train_data, test_data, device):
+    """Stage 2's policy, optimizer, LR schedule, train step and evaluation, on the frozen IDM of <out>/stage1.pt.
+    -> (modules, opt, lr_fn, train_step, evaluate)"""
     idm, ck1 = load_stage1(args.out, device, train_data.game)
     args.game, args.stage1_config = train_data.game, {k: ck1["config"][k] for k in ("latent_dim", "vq", "impala_scale")}
     amp = use_amp(args, device)
@@ -951,10 +957,17 @@ def stage2(args, train=None, test=None):
         return {"test_loss": F.mse_loss(pred, eval_z).item(),
                 "test_loss_mean_baseline": F.mse_loss(eval_z.mean(0).expand_as(eval_z), eval_z).item()}
 
-    summary = train_loop("stage2", args, {"policy": policy}, opt, make_lr_fn(args.stage2_steps, args.warmup2, 0.01, 0.0),
-                         train_step, evaluate, args.stage2_steps)
+    return {"policy": policy}, opt, make_lr_fn(args.stage2_steps, args.warmup2, 0.01, 0.0), train_step, evaluate
+
+
+def stage2(args, train=None, test=None):
+    """Behaviour-clone the latent policy on the frozen IDM's latents. -> (policy, summary)."""
+    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
+    test_data = test or load_split(args.data, "test", args.max_chunks)
+    modules, opt, lr_fn, train_step, evaluate = build_stage2(args, train_data, test_data, device)
+    summary = train_loop("stage2", args, modules, opt, lr_fn, train_step, evaluate, args.stage2_steps)
     write_summary(args.out, "stage2", summary)
-    return policy.eval(), summary
+    return modules["policy"].eval(), summary
 
 
 def load_stage2(out, device):
@@ -1527,13 +1540,127 @@ def report(root, game, args):
 
 
 # ==============================================================================================
+# BENCHMARK: throughput of each stage on this machine, timed through the code the stages run
+# ==============================================================================================
+# The authors' release, paper configuration, on 2 CPU cores with torch 2.13 (shown with --preset paper only).
+# Their probe evaluation took 538 s, as long as 87 train steps: 87 / (500 + 87) of stage 1 at eval_every 500.
+BENCH_REFERENCE = {"stage1_samples_per_s": 21.0, "stage2_samples_per_s": 26.0, "online_frames_per_s": 11.3,
+                   "probe_eval_s": 538.0, "probe_eval_steps": 87.0, "probe_eval_frac": 87 / (500 + 87),
+                   "host_mem_x_frames": 6.8}
+
+
+def timed(fn, times, device):
+    """fn, but each call appends its wall time (until the device has finished) to `times`."""
+    def wrapper(*a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        return out
+    return wrapper
+
+
+def bench(args):
+    """Collect bigfish frames into a temporary folder, then time the stages' own train steps (through train_loop),
+    the stage-1 evaluation with its probe, window sampling, PPO updates (expert and online decoding) and peak
+    memory. Prints one line per measurement, a table, and one JSON line. -> dict of measurements"""
+    import resource  # Unix only
+    import tempfile
+    steps = (5 if args.preset == "tiny" else 10) if args.steps is None else args.steps
+    frames = min(PRESETS[args.preset]["frames"], 16384) if args.bench_frames is None else args.bench_frames
+    if steps < 1 or args.warmup < 0 or args.ppo_updates < 1 or frames < 256:
+        raise LapoError("bench needs --steps >= 1, --warmup >= 0, --ppo-updates >= 1 and --frames >= 256")
+    device, total, res, rows = get_device(args), args.warmup + steps, {}, []
+
+    def args_of(*argv):  # another command's flags, with this preset, seed, device and amp
+        shared = ("--preset", args.preset, "--seed", args.seed, "--device", args.device, "--amp", args.amp)
+        return parse_args([str(x) for x in (*argv, *shared)])
+
+    def num(v):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+    def report(key, value, unit, what):
+        res[key], ref = value, BENCH_REFERENCE.get(key) if args.preset == "paper" else None
+        rows.append((what, value, unit, ref))
+        print(f"bench: {what}: {num(value)} {unit}" + (f" (reference {num(ref)})" if ref else ""), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run, a = os.path.join(tmp, "run"), args_of("collect", "--env", "bigfish", "--out", os.path.join(tmp, "data"),
+                                                   "--frames", frames, "--test-frames", frames // 4)
+        data = collect(a)
+        train, test = load_split(data, "train"), load_split(data, "test")
+        raw = train.obs.nbytes + test.obs.nbytes  # the uint8 frames as stored
+        splits = a.collected.values()  # collect's own rate: env steps and writing chunks, not starting the envs
+        rate = sum(c["frames"] for c in splits) / sum(c["frames"] / c["frames_per_s"] for c in splits)
+        report("collect_frames_per_s", rate, "frames/s", f"collect, random policy, {a.num_envs} envs")
+        for stage, build in (("stage1", build_stage1), ("stage2", build_stage2)):
+            a = args_of(stage, "--data", data, "--out", run)
+            every = a.eval_every
+            setattr(a, f"{stage}_steps", total)
+            a.eval_every = a.ckpt_every = a.log_every = total  # one evaluation and one checkpoint, at the end
+            modules, opt, lr_fn, train_step, evaluate = build(a, train, test, device)
+            step_t, eval_t = [], []
+            train_step, evaluate = timed(train_step, step_t, device), timed(evaluate, eval_t, device)
+            train_loop(stage, a, modules, opt, lr_fn, train_step, evaluate, total)  # the stage's own loop and step
+            step_s = float(np.median(step_t[args.warmup:]))
+            report(f"{stage}_samples_per_s", a.batch_size / step_s, "samples/s",
+                   f"{stage} train step, batch {a.batch_size}")
+            if stage == "stage1":
+                report("probe_eval_s", eval_t[0], "s", f"stage1 eval (test loss + probe on {a.probe_windows})")
+                report("probe_eval_steps", eval_t[0] / step_s, "train steps", "stage1 eval, as train steps")
+                report("probe_eval_frac", eval_t[0] / (every * step_s + eval_t[0]), "of wall time",
+                       f"stage1 eval share at eval_every {every}")
+        gen, sample_t = torch.Generator().manual_seed(args.seed), []
+        sample = timed(lambda: train.windows(train.sample(a.batch_size, gen), device), sample_t, device)
+        for _ in range(args.warmup + 100):
+            sample()
+        report("windows_per_s", a.batch_size / np.median(sample_t[args.warmup:]), "windows/s",
+               f"window sampling, batch {a.batch_size}")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        res["host_peak_mib"], res["frames_mib"] = rss / 2 ** 20, raw / 2 ** 20
+        report("host_mem_x_frames", rss / raw, "x frame bytes", f"peak host memory, {raw / 2 ** 20:.0f} MiB of frames")
+        if device.type == "cuda":
+            report("cuda_mem_x_frames", torch.cuda.max_memory_allocated() / raw, "x frame bytes", "peak CUDA memory")
+        for stage, argv in (("expert", ("expert", "--env", "bigfish", "--out", os.path.join(tmp, "expert"))),
+                            ("online", ("stage3", "--mode", "online", "--out", run))):  # the RL+SL policy
+            a = args_of(*argv, "--eval-episodes", 1, "--eval-max-steps", 1)  # final evaluation: one env step
+            a.frames = (1 + args.ppo_updates) * a.num_envs * a.num_steps  # one warm-up update, then the timed ones
+            (expert if stage == "expert" else stage3_online)(a)
+            curve = load_checkpoint(os.path.join(a.out, f"{stage}.pt"), ("policy",))["curve"]
+            update_s = np.diff([c["frames"] / c["fps"] for c in curve])  # fps counts from the start of PPO
+            report(f"{stage}_frames_per_s", a.num_envs * a.num_steps / np.median(update_s), "env frames/s",
+                   f"PPO {stage}, {a.num_envs} envs x {a.num_steps} steps")
+    print(f"\n{'measure':<46} {'value':>8}  {'unit':<14} {'reference':>9} {'ratio':>6}")
+    for what, v, unit, ref in rows:
+        print((f"{what:<46} {num(v):>8}  {unit:<14}" + (f" {num(ref):>9} {v / ref:>6.2f}" if ref else "")).rstrip())
+    out = {"bench": {"preset": args.preset, "device": str(device), "amp": use_amp(args, device),
+                     "threads": torch.get_num_threads(), "steps": steps, "warmup": args.warmup,
+                     "ppo_updates": args.ppo_updates, "frames": len(train) + len(test), **res,
+                     **({"reference": BENCH_REFERENCE} if args.preset == "paper" else {})}}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_summary(args.out, "bench", out)  # bench_summary.json, and the JSON line
+    else:
+        print(json.dumps(out), flush=True)
+    return out["bench"]
+
+
+# ==============================================================================================
 # COMMAND LINE
 # ==============================================================================================
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown preset, a missing flag) are LapoErrors: one line, like every user error."""
+
+    def error(self, message):
+        raise LapoError(f"{self.prog}: {message} (see --help)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="LAPO: Learning to Act without Actions (single-file reference)")
+    p = Parser(description="LAPO: Learning to Act without Actions (single-file reference)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, out_default):
+    def common(sp, out_default, resume=True):
         sp.add_argument("--preset", choices=PRESETS, default="paper",
                         help="paper: the paper's settings (GPU); small: minutes on a CPU; tiny: seconds (tests)")
         sp.add_argument("--seed", type=int, default=0, help="seed of everything; same seed on CPU, same result")
@@ -1541,7 +1668,8 @@ def build_parser():
         sp.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="bf16 autocast; auto: on for CUDA and for CPUs with bf16 units")
         sp.add_argument("--out", default=out_default, help="run folder (checkpoints, metrics.jsonl, summaries)")
-        sp.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+        if resume:
+            sp.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
 
     def evaluation(sp):
         sp.add_argument("--eval-episodes", "--episodes", type=int, default=None,
@@ -1654,6 +1782,15 @@ def build_parser():
     sp.add_argument("--ablations", action="store_true", help="also run online decoding without SL (the paper's no-SL)")
     sp.set_defaults(func=pipeline)
 
+    sp = sub.add_parser("bench", help="time every stage on this machine (collects its own small data)")
+    common(sp, None, resume=False)
+    sp.add_argument("--steps", type=int, default=None, help="timed train steps per measurement (default 10; tiny: 5)")
+    sp.add_argument("--warmup", type=int, default=2, help="untimed train steps before the timed ones")
+    sp.add_argument("--ppo-updates", type=int, default=2, help="timed PPO updates, after one untimed warm-up update")
+    sp.add_argument("--frames", dest="bench_frames", type=int, default=None, metavar="N",
+                    help="bigfish frames to collect (default: the preset's, at most 16,384), plus a quarter for test")
+    sp.set_defaults(func=bench)
+
     sp = sub.add_parser("eval", help="evaluate any saved policy checkpoint")
     common(sp, "runs/eval")
     evaluation(sp)
@@ -1683,8 +1820,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -385,3 +385,16 @@ def test_action_free_data_trains(tmp_path):
     assert out["step"] == 30 and "probe_acc" not in out and out["test_fdm_loss"] > 0
     out = last_json(run_cli("stage2", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
     assert out["step"] == 30
+
+
+def test_bench_cli_tiny(tmp_path):
+    """`bench` times every stage on freshly collected frames and ends with one JSON line (also in --out)."""
+    b = last_json(run_cli("bench", "--preset", "tiny", "--out", tmp_path).stdout)["bench"]
+    for k in ("stage1_samples_per_s", "stage2_samples_per_s", "expert_frames_per_s", "online_frames_per_s",
+              "collect_frames_per_s", "windows_per_s", "host_mem_x_frames"):
+        assert b[k] > 0, k
+    assert 0 < b["probe_eval_frac"] < 1 and "reference" not in b  # the paper's figures only with --preset paper
+    assert json.load(open(tmp_path / "bench_summary.json")) == {"bench": b}
+    for bad in (("--preset", "huge"), ("--preset", "tiny", "--steps", 0)):
+        r = run_cli("bench", *bad, ok=False)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
