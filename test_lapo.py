@@ -201,7 +201,8 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
     test = lapo.FrameData(obs[4096:], done[4096:], ta[4096:])
     args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", "unused", "--out", str(tmp_path),
                             "--stage1-steps", "300", "--batch-size", "32", "--eval-every", "300",
-                            "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3"])
+                            "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3",
+                            "--idm-diff", "0", "--fdm-residual", "0"])  # the paper's IDM input and FDM output
     _, _, summary = lapo.stage1(args, train, test)
     # measured: probe_acc 0.XX (majority 0.XX) in XX s on 2 CPU cores
     assert summary["probe_majority"] < 0.3
@@ -308,15 +309,11 @@ def test_window_pairs_of_a_rollout_respect_episode_ends():
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Tiny real-Procgen pipeline through the CLI: expert -> collect -> stage1 -> stage2 -> stage3 -> eval."""
+    """The tiny pipeline on real Procgen through the CLI: expert -> collect -> stage1 -> stage2 -> stage3 offline
+    (+ BC) -> stage3 online (+ PPO from scratch, + no-SL) -> results.md and plots."""
     root = tmp_path_factory.mktemp("e2e")
-    run_cli("expert", "--env", "bigfish", "--preset", "tiny", "--out", root / "expert", "--eval-max-steps", 100)
-    run_cli("collect", "--env", "bigfish", "--preset", "tiny", "--num-envs", 8, "--out", root / "data",
-            "--policy", root / "expert/expert.pt")
-    run = root / "run"
-    s1 = last_json(run_cli("stage1", "--preset", "tiny", "--data", root / "data/bigfish", "--out", run).stdout)
-    s2 = last_json(run_cli("stage2", "--preset", "tiny", "--data", root / "data/bigfish", "--out", run).stdout)
-    return root, run, s1, s2
+    r = run_cli("pipeline", "--env", "bigfish", "--preset", "tiny", "--out", root, "--ablations")
+    return root, root / "lapo", r.stdout
 
 
 def test_collect_writes_the_authors_layout(pipeline):
@@ -333,12 +330,14 @@ def test_collect_writes_the_authors_layout(pipeline):
         diffs = [np.abs(seg[t + 1] - seg[t]).mean() for t in range(255) if not seg_done[t]]
         assert np.median(diffs) < 10
     assert os.path.exists(root / "data/bigfish/test/0.npz")
+    summary = json.load(open(root / "data/bigfish/collect_summary.json"))
+    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024
 
 
 def test_stage1_and_stage2_cli_summaries(pipeline):
-    root, run, s1, s2 = pipeline
+    run = pipeline[1]
+    s1, s2 = json.load(open(run / "stage1_summary.json")), json.load(open(run / "stage2_summary.json"))
     assert s1["step"] == 30 and 0 <= s1["probe_acc"] <= 1 and s1["test_fdm_loss"] > 0
-    assert json.load(open(run / "stage1_summary.json"))["step"] == 30
     assert s2["step"] == 30 and s2["test_loss"] > 0
     lines = [json.loads(ln) for ln in open(run / "metrics.jsonl")]
     assert any("stage1/samples_per_s" in ln for ln in lines) and any("stage2/test_loss" in ln for ln in lines)
@@ -346,17 +345,32 @@ def test_stage1_and_stage2_cli_summaries(pipeline):
 
 def test_stage3_offline_online_and_eval_cli(pipeline):
     root, run = pipeline[0], pipeline[1]
-    off = last_json(run_cli("stage3", "--mode", "offline", "--preset", "tiny", "--data", root / "data/bigfish",
-                            "--out", run, "--baseline", "bc", "--eval-max-steps", 100).stdout)
+    off = json.load(open(run / "stage3_offline_summary.json"))
     assert {(r["method"], r["labels"]) for r in off["results"]} == {("lapo", 16), ("lapo", 64), ("bc", 16), ("bc", 64)}
-    on = last_json(run_cli("stage3", "--mode", "online", "--preset", "tiny", "--out", run,
-                           "--eval-max-steps", 100).stdout)
-    assert on["frames"] == 2048 and on["sl"] is True
+    on, nosl = json.load(open(run / "stage3_online_summary.json")), json.load(open(run / "stage3_online_nosl_summary.json"))
+    assert on["frames"] == 2048 and on["sl"] is True and nosl["sl"] is False
     curve = [json.loads(ln) for ln in open(run / "metrics.jsonl") if '"online"' in ln]
     assert any("online/decoder_pairs" in c for c in curve)  # the decoder was retrained on IDM labels
-    for ck in ("decoded_16.pt", "bc_64.pt", "online.pt"):
-        ev = last_json(run_cli("eval", "--checkpoint", run / ck, "--episodes", 2, "--eval-max-steps", 50).stdout)
+    assert json.load(open(root / "ppo_scratch/expert_summary.json"))["frames"] == 2048  # same budget as online
+    for ck in (run / "decoded_16.pt", run / "bc_64.pt", run / "online.pt", root / "expert/expert.pt"):
+        ev = last_json(run_cli("eval", "--checkpoint", ck, "--episodes", 2, "--eval-max-steps", 50).stdout)
         assert ev["eval_episodes"] == 2 and len(ev["eval_returns"]) == 2
+
+
+def test_pipeline_writes_results_and_plots_and_resumes(pipeline):
+    root = pipeline[0]
+    md = open(root / "results.md").read()
+    for row in ("| random |", "| expert (PPO) |", "| LAPO offline decoder | 16 labeled", "| BC from scratch | 64 labeled",
+                "| LAPO online (RL+SL) | 2,048 env frames", "| PPO from scratch | 2,048", "| LAPO online, no SL |",
+                "probe accuracy", "| stage1 |"):
+        assert row in md, row
+    for png in ("offline.png", "online.png", "latents.png", "fdm.png"):
+        with open(root / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(root / png) > 5000
+        assert f"]({png})" in md
+    # every step is done: a second call only rewrites the report
+    r = run_cli("pipeline", "--env", "bigfish", "--preset", "tiny", "--out", root, "--ablations")
+    assert "python lapo.py" not in r.stdout and r.stdout.count(" done (") == 8
 
 
 def test_cli_bad_input_is_one_line(pipeline, tmp_path):
