@@ -416,9 +416,9 @@ def load_split(folder, split, max_chunks=None):
     ends, o = [], 0
     for p, s in zip(paths, sizes):
         try:
-            with zipfile.ZipFile(p) as zf, _npz_member(zf, "obs")[0] as f:
-                _read_into(f, obs[o:o + s])
             with np.load(p) as z:
+                with _npz_member(z.zip, "obs")[0] as f:  # obs streamed in; the small arrays through np.load
+                    _read_into(f, obs[o:o + s])
                 if "done" in z.files:
                     done[o:o + s] = np.asarray(z["done"]).reshape(-1)[:s]
                 if ta is not None:
