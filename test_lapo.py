@@ -1,6 +1,9 @@
 """Tests for lapo.py: units (VQ, windows, FDM, PPO pieces), a functional test that LAPO recovers actions from
-video alone, and tiny end-to-end runs of every subcommand on real Procgen frames. Run: pytest -q"""
+video alone, tiny end-to-end runs of every command on real Procgen frames, and the tools (pipeline, bench).
+Run: pytest -q"""
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,21 +92,93 @@ def test_no_vq_ablation_passes_continuous_latent():
     assert torch.equal(out["z"], out["zq"]) and out["commit"].item() == 0
 
 
+def test_vq_ema_update_matches_hand_computation():
+    """The authors' EMA: counts start at 0, are Laplace-smoothed and written back; codebook = sums / counts."""
+    d, eps = 0.5, 1e-5
+    vq = lapo.VectorQuantizer(latent_dim=2, code_dim=1, num_codebooks=1, codebook_size=2, decay=d, eps=eps).train()
+    vq.codebook.copy_(torch.tensor([[[0.0], [1.0]]]))
+    vq.embed_sum.copy_(vq.codebook)
+    assert vq.cluster_size.tolist() == [[0.0, 0.0]]
+    # step 1: vectors 0.1, 0.2 | 0.9, 0.3 -> codes 0, 0 | 1, 0: 3 vectors at code 0 (sum 0.6), 1 at code 1 (sum 0.9)
+    _, _, codes, _ = vq(torch.tensor([[0.1, 0.2], [0.9, 0.3]]))
+    assert codes.tolist() == [[0, 0], [1, 0]]
+    c = [d * 0 + (1 - d) * 3, d * 0 + (1 - d) * 1]                  # 1.5, 0.5
+    s = [d * 0.0 + (1 - d) * 0.6, d * 1.0 + (1 - d) * 0.9]          # 0.3, 0.95
+    n = c[0] + c[1]
+    c = [(x + eps) / (n + 2 * eps) * n for x in c]                  # smoothed, and kept as the EMA counts
+    assert vq.cluster_size[0].tolist() == pytest.approx(c, rel=1e-6)
+    assert vq.codebook[0, :, 0].tolist() == pytest.approx([s[0] / c[0], s[1] / c[1]], rel=1e-6)  # 0.2, 1.9
+    # step 2: 0.25, 2.0 | 1.5, 0.0 -> codes 0, 1 | 1, 0 (codebook now 0.2, 1.9)
+    _, _, codes, _ = vq(torch.tensor([[0.25, 2.0], [1.5, 0.0]]))
+    assert codes.tolist() == [[0, 1], [1, 0]]
+    c = [d * c[0] + (1 - d) * 2, d * c[1] + (1 - d) * 2]
+    s = [d * s[0] + (1 - d) * 0.25, d * s[1] + (1 - d) * 3.5]
+    n = c[0] + c[1]
+    c = [(x + eps) / (n + 2 * eps) * n for x in c]
+    assert vq.cluster_size[0].tolist() == pytest.approx(c, rel=1e-6)
+    assert vq.codebook[0, :, 0].tolist() == pytest.approx([s[0] / c[0], s[1] / c[1]], rel=1e-6)
+    assert vq.embed_sum[0, :, 0].tolist() == pytest.approx(s, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- FDM
+def test_paper_preset_has_the_authors_parameter_counts():
+    a1 = lapo.parse_args(["stage1", "--data", "unused", "--out", "/tmp/lapo-count"])
+    idm, fdm = lapo.build_idm(vars(a1)), lapo.build_fdm(vars(a1))
+    policy = lapo.ImpalaCNN(3, a1.latent_dim, lapo.parse_args(["stage2", "--data", "x", "--out", "/tmp/lapo-count"])
+                            .impala_scale)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # the authors' stage-2 network also carries an unused 256 -> 1 value head (257 parameters): 3,682,177
+    assert (count(idm), count(fdm), count(policy)) == (3_685_376, 7_814_139, 3_681_920)
+    assert a1.amp == "off" and a1.idm_diff == 0 and a1.fdm_residual == 0 and a1.vq_decay == 0.999
+
+
+def test_fdm_structure_skips_latent_and_output_range():
+    torch.manual_seed(0)
+    b, fdm = 24, lapo.FDM(128, 24).eval()
+    seen = {}
+    for name, m in [(f"down{i}", m) for i, m in enumerate(fdm.down)] + [("mid", fdm.mid)] + \
+            [(f"up{i}", m) for i, m in enumerate(fdm.up)]:
+        m.register_forward_hook(
+            lambda m, i, o, name=name: seen.update({name: (tuple(i[0].shape[1:]), tuple(o.shape[1:]))}))
+    frames, z = torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8), torch.randn(2, 128)
+    y = fdm(frames, z)
+    # down blocks: pooled outputs at 32, 16, 8, 4, 2 px; their outputs are the skips
+    for i, (c, s) in enumerate([(b, 32), (2 * b, 16), (4 * b, 8), (8 * b, 4), (16 * b, 2)]):
+        assert seen[f"down{i}"][1] == (c, s, s)
+    assert seen["down0"][0] == (6, 64, 64)  # the frames; the latent's share of this conv is added inside
+    assert seen["mid"][1] == (32 * b, 1, 1)
+    # up blocks: input = cat(x, skip) at the low resolution; the first skip is the latent itself at 1x1
+    ups = [(32 * b + 128, 1, 16 * b), (32 * b, 2, 8 * b), (16 * b, 4, 4 * b), (8 * b, 8, 2 * b), (4 * b, 16, b),
+           (2 * b, 32, b)]
+    for i, (cin, s, cout) in enumerate(ups):
+        assert seen[f"up{i}"] == ((cin, s, s), (cout, 2 * s, 2 * s)), i
+    assert y.shape == (2, 3, 64, 64) and y.abs().max() <= 0.5
+    # the latent enters twice: tiled at the input and at the bottleneck; each path changes the prediction alone
+    z2 = z.clone()
+    z2[0] += 1
+    y2 = fdm(frames, z2)
+    assert not torch.allclose(y2[0], y[0]) and torch.equal(y2[1], y[1])
+    fdm.z_in.weight.data.zero_()
+    assert not torch.allclose(fdm(frames, z2)[0], fdm(frames, z)[0])  # the bottleneck path alone
+
+
 def test_tiled_latent_conv_equals_concat_then_conv():
     torch.manual_seed(0)
-    m = lapo.TiledLatentConv(128, 8)
+    full = torch.randn(8, 6 + 128, 3, 3) * 0.1  # one conv over cat(frames, tiled z), as the authors' first layer
+    m = lapo.TiledLatentConv(full[:, 6:])
     z, x = torch.randn(3, 128), torch.randn(3, 6, 64, 64)
-    wx = torch.randn(8, 6, 3, 3) * 0.1
-    ref = F.conv2d(torch.cat([x, z[:, :, None, None].expand(-1, -1, 64, 64)], 1), torch.cat([wx, m.weight], 1),
-                   padding=1)
-    assert torch.allclose(F.conv2d(x, wx, padding=1) + m(z), ref, atol=1e-4)
+    ref = F.conv2d(torch.cat([x, z[:, :, None, None].expand(-1, -1, 64, 64)], 1), full, padding=1)
+    assert torch.allclose(F.conv2d(x, full[:, :6], padding=1) + m(z), ref, atol=1e-4)
+    fdm = lapo.FDM(128, 4)  # initialized as slices of one 134-channel conv: one fan-in
+    bound = 1 / (134 * 9) ** 0.5
+    for w in (fdm.down[0].conv.weight, fdm.z_in.weight):
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
 
 
-def test_fdm_output_shape_and_range():
-    fdm = lapo.FDM(128, 4)
-    y = fdm(torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8), torch.randn(2, 128))
-    assert y.shape == (2, 3, 64, 64) and y.abs().max() <= 0.5
+def test_fdm_residual_option_starts_as_a_copy():
+    fdm = lapo.FDM(128, 4, residual=True)
+    frames = torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8)
+    assert torch.allclose(fdm(frames, torch.randn(2, 128)), lapo.preprocess(frames)[:, 3:])
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -301,7 +376,7 @@ def test_ppo_update_trains_heads_and_leaves_frozen_latent_policy_alone(tmp_path)
 
 
 def test_decoder_standardizes_its_input():
-    """Latents are tiny (std ~0.02); the decoder fit on them sees standardized inputs, so the latents' scale is moot."""
+    """--decoder-std 1: the decoder sees standardized inputs, so the latents' scale (std ~0.02) is moot."""
     torch.manual_seed(0)
     z = torch.randn(256, 128) * 0.02 + 0.01
     dec = lapo.Decoder().fit_input(z)
@@ -310,14 +385,20 @@ def test_decoder_standardizes_its_input():
     scaled.fit_input(z * 50)
     assert torch.allclose(dec(z), scaled(z * 50), atol=1e-5)
     x = (z - dec.mean) / dec.std
-    assert torch.allclose(x.mean(0), torch.zeros(128), atol=1e-5) and torch.allclose(x.std(0), torch.ones(128), atol=1e-3)
+    assert torch.allclose(x.mean(0), torch.zeros(128), atol=1e-5)
+    assert torch.allclose(x.std(0), torch.ones(128), atol=1e-3)
+    raw = lapo.Decoder().fit_input(z, standardize=False)  # the paper's decoder: a plain MLP on the raw latents
+    assert torch.equal(raw.mean, torch.zeros(128)) and torch.equal(raw.std, torch.ones(128))
 
 
-def test_decoder_schedule():
-    due = [u for u in range(200) if lapo.decoder_due(u, (u + 1) * 4096)]
-    assert due[0] == 2 and all(u in due for u in range(2, 12))  # every update from 10k to 50k frames
-    assert 12 not in due and 20 in due and 40 in due and 60 in due and 21 not in due  # then every 20th
-    assert max(due) * 4096 <= 400_000
+def test_decoder_schedule_and_lr_ramps_match_the_authors():
+    # after the u-th finished update (4096 frames each): every update while 10k < frames < 50k, then every 20th
+    due = [u for u in range(1, 200) if lapo.decoder_due(u, u * 4096)]
+    assert due[:10] == list(range(3, 13)) and 13 not in due and 20 in due and 19 not in due and 40 in due
+    assert max(due) * 4096 < 400_000
+    f = lapo.ramp(35_000, 50_000, 1.0, 1_050_000)  # 0, then up to the peak at 50k, then linearly down to 0
+    assert f(35_000) == 0 and f(42_500) == pytest.approx(0.5) and f(50_000) == 1
+    assert f(550_000) == pytest.approx(0.5) and f(1_050_000) == 0
 
 
 def test_window_pairs_of_a_rollout_respect_episode_ends():
@@ -341,11 +422,20 @@ def test_window_pairs_of_a_rollout_respect_episode_ends():
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The tiny pipeline on real Procgen through the CLI: expert -> collect -> stage1 -> stage2 -> stage3 offline
-    (+ BC) -> stage3 online (+ PPO from scratch, + no-SL) -> results.md and plots."""
+    """The method on real Procgen through the CLI at `tiny`: expert -> collect -> stage1 -> stage2 -> stage3 offline
+    (+ BC) -> stage3 online (+ no-SL). -> (root, run folder, {command: stdout})"""
     root = tmp_path_factory.mktemp("e2e")
-    r = run_cli("pipeline", "--env", "bigfish", "--preset", "tiny", "--out", root, "--ablations")
-    return root, root / "lapo", r.stdout
+    run, data, out = root / "lapo", root / "data/bigfish", {}
+    for name, argv in [("expert", ("expert", "--env", "bigfish", "--out", root / "expert")),
+                       ("collect", ("collect", "--env", "bigfish", "--policy", root / "expert/expert.pt",
+                                    "--out", root / "data", "--temperature", "0.5")),
+                       ("stage1", ("stage1", "--data", data, "--out", run)),
+                       ("stage2", ("stage2", "--data", data, "--out", run)),
+                       ("offline", ("stage3", "--mode", "offline", "--baseline", "bc", "--data", data, "--out", run)),
+                       ("online", ("stage3", "--mode", "online", "--out", run)),
+                       ("nosl", ("stage3", "--mode", "online", "--no-sl", "--out", run))]:
+        out[name] = run_cli(*argv, "--preset", "tiny").stdout
+    return root, run, out
 
 
 def test_collect_writes_the_authors_layout(pipeline):
@@ -363,7 +453,7 @@ def test_collect_writes_the_authors_layout(pipeline):
         assert np.median(diffs) < 10
     assert os.path.exists(root / "data/bigfish/test/0.npz")
     summary = json.load(open(root / "data/bigfish/collect_summary.json"))
-    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024
+    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024 and summary["temperature"] == 0.5
 
 
 def test_stage1_and_stage2_cli_summaries(pipeline):
@@ -373,51 +463,137 @@ def test_stage1_and_stage2_cli_summaries(pipeline):
     assert s2["step"] == 30 and s2["test_loss"] > 0
     lines = [json.loads(ln) for ln in open(run / "metrics.jsonl")]
     assert any("stage1/samples_per_s" in ln for ln in lines) and any("stage2/test_loss" in ln for ln in lines)
+    assert "samples/s" in pipeline[2]["stage1"] and "eta" in pipeline[2]["stage1"]  # progress lines
+
+
+def test_supervised_idm_diagnostic(pipeline, tmp_path):
+    root = pipeline[0]
+    s = last_json(run_cli("stage1", "--preset", "tiny", "--supervised", "1", "--data", root / "data/bigfish",
+                          "--out", tmp_path / "sup").stdout)
+    assert s["step"] == 30 and 0 <= s["probe_acc"] <= 1 and 0 <= s["test_acc"] <= 1 and "test_fdm_loss" not in s
+    r = run_cli("stage2", "--preset", "tiny", "--data", root / "data/bigfish", "--out", tmp_path / "sup", ok=False)
+    assert r.returncode == 2 and "supervised-IDM diagnostic" in r.stderr
 
 
 def test_stage3_offline_online_and_eval_cli(pipeline):
     root, run = pipeline[0], pipeline[1]
     off = json.load(open(run / "stage3_offline_summary.json"))
     assert {(r["method"], r["labels"]) for r in off["results"]} == {("lapo", 16), ("lapo", 64), ("bc", 16), ("bc", 64)}
-    on, nosl = json.load(open(run / "stage3_online_summary.json")), json.load(open(run / "stage3_online_nosl_summary.json"))
+    on = json.load(open(run / "stage3_online_summary.json"))
+    nosl = json.load(open(run / "stage3_online_nosl_summary.json"))
     assert on["frames"] == 2048 and on["sl"] is True and nosl["sl"] is False
     curve = [json.loads(ln) for ln in open(run / "metrics.jsonl") if '"online"' in ln]
     assert any("online/decoder_pairs" in c for c in curve)  # the decoder was retrained on IDM labels
-    assert json.load(open(root / "ppo_scratch/expert_summary.json"))["frames"] == 2048  # same budget as online
     for ck in (run / "decoded_16.pt", run / "bc_64.pt", run / "online.pt", root / "expert/expert.pt"):
         ev = last_json(run_cli("eval", "--checkpoint", ck, "--episodes", 2, "--eval-max-steps", 50).stdout)
         assert ev["eval_episodes"] == 2 and len(ev["eval_returns"]) == 2
 
 
-def test_pipeline_writes_results_and_plots_and_resumes(pipeline):
-    root = pipeline[0]
-    md = open(root / "results.md").read()
-    for row in ("| random |", "| expert (PPO) |", "| LAPO offline decoder | 16 labeled", "| BC from scratch | 64 labeled",
-                "| LAPO online (RL+SL) | 2,048 env frames", "| PPO from scratch | 2,048", "| LAPO online, no SL |",
-                "probe accuracy", "| stage1 |"):
-        assert row in md, row
-    for png in ("offline.png", "online.png", "latents.png", "fdm.png"):
-        with open(root / png, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(root / png) > 5000
-        assert f"]({png})" in md
-    # every step is done: a second call only rewrites the report
-    r = run_cli("pipeline", "--env", "bigfish", "--preset", "tiny", "--out", root, "--ablations")
-    assert "python lapo.py" not in r.stdout and r.stdout.count(" done (") == 8
+def test_stage3_offline_never_overwrites_earlier_results(pipeline):
+    run, data = pipeline[1], pipeline[0] / "data/bigfish"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    for labels in ("16", "32"):  # the same labels, and new labels: both would rewrite the summary
+        r = run_cli("stage3", "--mode", "offline", "--preset", "tiny", "--seed", 1, "--labels", labels,
+                    "--data", data, "--out", run, ok=False)
+        assert r.returncode == 2 and "never overwritten" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    assert after == before
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
 
 
 def test_cli_bad_input_is_one_line(pipeline, tmp_path):
     root, run = pipeline[0], pipeline[1]
+    data = root / "data/bigfish"
     cases = [("stage1", "--preset", "tiny", "--data", tmp_path / "nope", "--out", tmp_path / "r"),
              ("collect", "--env", "pong", "--preset", "tiny", "--out", tmp_path / "d"),
-             ("stage2", "--preset", "tiny", "--data", root / "data/bigfish", "--out", tmp_path / "no_stage1"),
-             ("stage1", "--preset", "tiny", "--data", root / "data/bigfish", "--out", run),
-             ("stage3", "--mode", "offline", "--preset", "tiny", "--data", root / "data/bigfish", "--out", run,
+             ("stage2", "--preset", "tiny", "--data", data, "--out", tmp_path / "no_stage1"),
+             ("stage1", "--preset", "tiny", "--data", data, "--out", run),
+             ("stage3", "--mode", "offline", "--preset", "tiny", "--data", data, "--out", tmp_path / "r3",
               "--labels", 10 ** 7),
-             ("eval", "--checkpoint", root / "data/bigfish/train/0.npz")]
+             ("stage3", "--mode", "offline", "--preset", "tiny", "--out", run),  # no --data
+             ("eval", "--checkpoint", data / "train/0.npz")]
     for argv in cases:
-        r = run_cli(*argv, ok=False)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+        one_line_error(run_cli(*argv, ok=False))
+
+
+# every numeric flag has a declared range, checked at parse time: (command argv, flag, bad values)
+BAD_FLAGS = [
+    (("expert", "--env", "bigfish"), "--frames", ("0", "-100", "1.5", "abc")),
+    (("expert", "--env", "bigfish"), "--frames", ("100",)),  # less than one rollout (8 envs x 32 steps)
+    (("expert", "--env", "bigfish"), "--num-envs", ("0",)),
+    (("expert", "--env", "bigfish"), "--impala-scale", ("0", "-1", "nan")),
+    (("expert", "--env", "bigfish"), "--gamma", ("1.5", "-0.1")),
+    (("expert", "--env", "bigfish"), "--num-minibatches", ("0", "1000")),
+    (("expert", "--env", "bigfish"), "--ckpt-every-updates", ("0",)),
+    (("expert", "--env", "bigfish"), "--eval-episodes", ("0",)),
+    (("stage3", "--mode", "online"), "--frames", ("0",)),
+    (("stage3", "--mode", "online"), "--lr", ("0", "-1", "inf")),
+    (("stage3", "--mode", "online"), "--schedule-scale", ("0",)),
+    (("stage3", "--mode", "offline", "--data", "x"), "--labels", ("0", "abc", "", "-4", "16,-4")),
+    (("stage3", "--mode", "offline", "--data", "x"), "--decoder-steps", ("0",)),
+    (("collect", "--env", "bigfish"), "--frames", ("0",)),
+    (("collect", "--env", "bigfish"), "--num-envs", ("0",)),
+    (("collect", "--env", "bigfish"), "--chunk-len", ("0",)),
+    (("collect", "--env", "bigfish"), "--temperature", ("0",)),
+    (("stage1", "--data", "x"), "--batch-size", ("0",)),
+    (("stage1", "--data", "x"), "--stage1-steps", ("0",)),
+    (("stage1", "--data", "x"), "--eval-every", ("0",)),
+    (("stage1", "--data", "x"), "--ckpt-every", ("0",)),
+    (("stage1", "--data", "x"), "--log-every", ("0",)),
+    (("stage1", "--data", "x"), "--vq-decay", ("1", "-0.5")),
+    (("stage1", "--data", "x"), "--fdm-width", ("1",)),
+    (("stage1", "--data", "x"), "--code-dim", ("0", "7")),  # 7 does not divide the 128-d latent
+    (("stage1", "--data", "x"), "--probe-windows", ("2",)),
+    (("stage1", "--data", "x"), "--max-chunks", ("0",)),
+    (("stage1", "--data", "x"), "--seed", ("-1",)),
+    (("stage2", "--data", "x"), "--warmup2", ("-1",)),
+    (("stage2", "--data", "x"), "--max-grad-norm", ("-1",)),
+    (("eval", "--checkpoint", "x"), "--episodes", ("0",)),
+]
+
+
+def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
+    for argv, flag, values in BAD_FLAGS:
+        for v in values:
+            out = tmp_path / "out"
+            with pytest.raises(SystemExit) as e:  # lapo.main in-process: what the CLI prints, 50x faster
+                lapo.main([*argv, "--preset", "tiny", "--out", str(out), f"{flag}={v}"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+            assert (flag if flag != "--code-dim" or v == "0" else "--latent-dim") in err, err
+            assert not out.exists(), (argv, flag, v)  # nothing written
+    one_line_error(run_cli("stage1", "--data", "x", "--batch-size", "0", ok=False), "--batch-size")  # a real process
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_unwritable_out_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    # root writes anywhere, but not into /proc: the same refusal without dropping privileges
+    out = "/proc/lapo-unwritable/run" if os.geteuid() == 0 else locked / "run"
+    one_line_error(run_cli("stage1", "--preset", "tiny", "--data", tmp_path, "--out", out, ok=False), "not writable")
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.pt")
+    lapo.save_atomic({"kind": "x", "v": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(lapo.LapoError, match="No space left on device.*previous version is intact"):
+        lapo.save_atomic({"kind": "x", "v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1 and not os.path.exists(path + ".tmp")
 
 
 def test_action_free_data_trains(tmp_path):
@@ -433,15 +609,135 @@ def test_action_free_data_trains(tmp_path):
     assert out["step"] == 30
 
 
-def test_bench_cli_tiny(tmp_path):
-    """`bench` times every stage on freshly collected frames and ends with one JSON line (also in --out)."""
-    b = last_json(run_cli("bench", "--preset", "tiny", "--out", tmp_path).stdout)["bench"]
+# ---------------------------------------------------------------------------------------------- tools/
+def load_tool(name):  # the tools are scripts, not a package: import them by path
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(HERE, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pipeline_tool, bench_tool = load_tool("pipeline"), load_tool("bench")
+
+
+def run_tool(name, *argv, ok=True):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", f"{name}.py"), *map(str, argv)],
+                       capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_stats_and_curve_windows():
+    s = pipeline_tool.stats([1.0, 2.0, 3.0, None])
+    assert s["n"] == 3 and s["mean"] == 2.0 and math.isclose(s["se"], 1 / math.sqrt(3))
+    assert pipeline_tool.stats([5.0]) == {"mean": 5.0, "se": None, "n": 1}  # one seed: no SE
+    # 10 updates of 100 frames; per-episode means over the last 20% (updates 9, 10) and the first 10% (update 1)
+    curve = [{"frames": 100 * (i + 1), "mean_return": float(i), "episodes": 1 + (i == 9)} for i in range(10)]
+    curve[1]["mean_return"] = None  # no episode ended in update 2
+    last, first = pipeline_tool.curve_returns(curve)
+    assert math.isclose(last, (8 + 2 * 9) / 3) and first == 0.0
+
+
+def test_bench_reference_row_follows_the_cpu_flags(tmp_path):
+    for flags, row in (("fpu avx2 avx512f avx512_bf16", "bf16"), ("fpu amx_bf16", "bf16"), ("fpu avx2", "no_avx512"),
+                       ("fpu avx512f", "no_avx512")):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n")
+        assert bench_tool.reference_row(torch.device("cpu"), tmp_path / "cpuinfo") == bench_tool.REFERENCE[row]
+    assert bench_tool.reference_row(torch.device("cuda"), tmp_path / "cpuinfo") == (None, {})
+
+
+@pytest.mark.parametrize("tool,argv,flag", [
+    ("pipeline", ["--seeds", "abc"], "--seeds"), ("pipeline", ["--seeds", ""], "--seeds"),
+    ("pipeline", ["--seeds", "0,0"], "--seeds"), ("pipeline", ["--seeds", "-1"], "--seeds"),
+    ("bench", ["--steps", "0"], "--steps"), ("bench", ["--warmup", "-1"], "--warmup"),
+    ("bench", ["--frames", "100"], "--frames"), ("bench", ["--ppo-updates", "x"], "--ppo-updates"),
+    ("bench", ["--seed", str(2 ** 31)], "--seed"), ("bench", ["--preset", "huge"], "--preset")])
+def test_bad_flags_are_one_line_exit_2(tool, argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        (pipeline_tool if tool == "pipeline" else bench_tool).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+def test_bad_flag_through_the_command_line():
+    r = run_tool("pipeline", "--seeds", "abc", ok=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "--seeds" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tool_pipeline(tmp_path_factory):
+    """The tiny pipeline over two seeds on real Procgen: shared expert and data, per seed LAPO (stages 1-3), the
+    supervised IDM, PPO from scratch and no-SL; then results.md, results.json and the plots."""
+    root = tmp_path_factory.mktemp("pipeline")
+    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations")
+    return root, r.stdout
+
+
+def test_pipeline_layout_and_commands(tool_pipeline):
+    root, stdout = tool_pipeline
+    for f in ("expert/expert.pt", "data/bigfish/collect_summary.json", "pipeline_steps.json"):
+        assert os.path.exists(root / f), f
+    for k in (0, 1):
+        for f in ("lapo/stage3_offline_summary.json", "lapo/online.pt", "lapo/online_nosl.pt",
+                  "supervised/stage1_summary.json", "ppo_scratch/expert.pt"):
+            assert os.path.exists(root / f"seed{k}" / f), (k, f)
+        assert json.load(open(root / f"seed{k}/lapo/stage1_summary.json"))["probe_acc"] >= 0
+        cmd = f"python lapo.py stage1 --supervised 1 --data {root}/data/bigfish --out {root}/seed{k}/supervised"
+        assert cmd in stdout
+    assert json.load(open(root / "seed1/ppo_scratch/expert_summary.json"))["frames"] == 2048  # the online budget
+    steps = json.load(open(root / "pipeline_steps.json"))
+    assert len(steps) == 2 + 2 * 7 and all(s["wall_s"] > 0 and s["device"] in ("cpu", "cuda") for s in steps.values())
+
+
+def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
+    root = tool_pipeline[0]
+    res = json.load(open(root / "results.json"))
+    assert res["seeds"] == [0, 1] and set(res["per_seed"]) == {"0", "1"}
+    assert isinstance(res["bf16_units"], bool) and res["amp"] in ("on", "off, fp32") and res["cpu"]
+    agg = res["aggregate"]
+    for key in ("probe_latent", "probe_supervised", "probe_ratio", "probe_majority", "offline_lapo_16",
+                "offline_bc_64", "offline_diff_16", "offline_diff_64"):
+        assert agg[key]["n"] == 2 and math.isfinite(agg[key]["mean"]) and math.isfinite(agg[key]["se"]), key
+    assert agg["offline_diff_16"]["exceeds_2se"] in (True, False)
+    mean_diff = sum(res["per_seed"][k]["offline_diff_64"] for k in ("0", "1")) / 2  # paired, per seed
+    assert math.isclose(agg["offline_diff_64"]["mean"], mean_diff)
+    for key in ("online_rlsl_last20", "online_scratch_first10", "online_diff_last20", "online_nosl_last20"):
+        assert key in agg and agg[key]["n"] <= 2, key  # n < 2 only where no episode ended in the window
+    md = open(root / "results.md").read()
+    for row in ("| probe accuracy, latent IDM |", "| probe accuracy, supervised IDM |",
+                "| probe accuracy ratio, latent / supervised |", "| majority-class rate |",
+                "| offline, 16 labels: LAPO decoder |", "| offline, 64 labels: BC from scratch |",
+                "| offline, 64 labels: LAPO - BC |", "| online, last 20% of frames: RL+SL |",
+                "| online, first 10% of frames: PPO from scratch |", "| online, last 20% of frames: RL+SL - PPO |",
+                "| online, last 20% of frames: no SL |", "| seed 0 | seed 1 |", "| seed0 stage1 |", "| total |",
+                "Hardware: CPU", "bf16 units:", "bf16 autocast (`--amp`):", "--expert-return"):
+        assert row in md, row
+    for png in ("offline.png", "online.png", "latents.png", "fdm.png"):
+        with open(root / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(root / png) > 5000, png
+        assert f"]({png})" in md
+
+
+def test_pipeline_second_call_skips_every_step(tool_pipeline):
+    root = tool_pipeline[0]
+    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations")
+    assert "python lapo.py" not in r.stdout and r.stdout.count(" done (") == 2 + 2 * 7
+
+
+def test_bench_tiny(tmp_path):
+    """bench times every stage on freshly collected frames and ends with one JSON line (also in --out)."""
+    r = run_tool("bench", "--preset", "tiny", "--out", tmp_path)
+    b = last_json(r.stdout)["bench"]
     for k in ("stage1_samples_per_s", "stage2_samples_per_s", "expert_frames_per_s", "online_frames_per_s",
               "collect_frames_per_s", "windows_per_s", "host_mem_x_frames", "data_mem_x_frames"):
         assert b[k] > 0, k
     assert b["data_mem_x_frames"] < 1.2  # the loader holds little beyond the raw frames (measured 1.07 at tiny)
-    assert 0 < b["probe_eval_frac"] < 1 and "reference" not in b  # the paper's figures only with --preset paper
+    assert 0 < b["probe_eval_frac"] < 1 and "reference" not in b  # the authors' figures only with --preset paper
+    assert "stage1 train step, batch 16, fp32" in r.stdout  # the fp32 row, always
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # and bf16 rows where the CPU has bf16 units
+    assert b["precisions"] == (["fp32", "bf16"] if bf16 else ["fp32"]) and ("stage1_samples_per_s_bf16" in b) == bf16
     assert json.load(open(tmp_path / "bench_summary.json")) == {"bench": b}
-    for bad in (("--preset", "huge"), ("--preset", "tiny", "--steps", 0)):
-        r = run_cli("bench", *bad, ok=False)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr

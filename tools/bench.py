@@ -1,0 +1,185 @@
+"""Throughput of every LAPO stage on this machine, timed through lapo.py's own train steps and loop.
+
+    python tools/bench.py --preset paper|small|tiny [--steps N] [--warmup N] [--ppo-updates N] [--no-ppo] [--frames N]
+
+Collects bigfish frames into a temporary folder, then times the stage-1 and stage-2 train steps (in fp32, and also
+in bf16 autocast where the hardware has bf16 units), the stage-1 evaluation with its probe, window sampling, PPO
+updates (expert and online decoding) and peak memory. Prints one line per measurement, a table and one JSON line
+(also <out>/bench_summary.json with --out). At --preset paper the table shows the authors' figures measured on
+the same kind of CPU (REFERENCE.md); they ran fp32, so only our fp32 rows are compared with them.
+"""
+import json
+import os
+import resource  # Unix only
+import sys
+import tempfile
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: lapo.py
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import lapo  # noqa: E402
+
+# The authors' release, paper configuration, bigfish, batch 128, fp32, 2 CPU cores (REFERENCE.md), by CPU kind.
+# Their probe evaluation took 538 s, as long as 87 train steps of 6.2 s: 87 / (500 + 87) of stage 1 at eval_every 500.
+REFERENCE = {
+    "bf16": ("AMD EPYC with AMX / AVX-512 BF16 units",
+             {"stage1_samples_per_s": 21.0, "stage2_samples_per_s": 26.0, "online_frames_per_s": 11.3,
+              "probe_eval_s": 538.0, "probe_eval_steps": 87.0, "probe_eval_frac": 87 / (500 + 87),
+              "host_mem_x_frames": 6.8}),
+    "no_avx512": ("AMD EPYC without AVX-512", {"stage1_samples_per_s": 12.7}),
+}
+
+
+def parse(argv=None):
+    p = lapo.Parser(description=__doc__.split("\n")[0])  # its errors are LapoErrors: one line, exit 2
+    p.add_argument("--preset", choices=lapo.PRESETS, default="paper", help="configuration to time")
+    p.add_argument("--seed", type=lapo.SEED, default=0, help=f"seed [{lapo.SEED.range}]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default=None,
+                   help="bf16 autocast of collect and PPO (default: the preset's); stages 1-2 are timed per precision")
+    p.add_argument("--out", default=None, help="also write <out>/bench_summary.json")
+    p.add_argument("--steps", type=lapo.POS, default=None,
+                   help=f"timed train steps per measurement (default 10; tiny: 5) [{lapo.POS.range}]")
+    p.add_argument("--warmup", type=lapo.NONNEG, default=2,
+                   help=f"untimed steps before the timed ones [{lapo.NONNEG.range}]")
+    p.add_argument("--ppo-updates", type=lapo.POS, default=2,
+                   help=f"timed PPO updates, after one untimed warm-up update [{lapo.POS.range}]")
+    p.add_argument("--no-ppo", action="store_true", help="skip PPO (at the paper preset one CPU update takes minutes)")
+    frames = lapo.num(int, 256)
+    p.add_argument("--frames", type=frames, default=None, help="bigfish frames to collect (default: the preset's, "
+                   f"at most 16,384), plus a quarter for test [{frames.range}]")
+    p.set_defaults(func=bench)
+    return p.parse_args(argv)
+
+
+def reference_row(device, cpuinfo="/proc/cpuinfo"):
+    """The authors' figures for this CPU kind, by its flags: (name, figures), or (None, {}) off a CPU."""
+    if device.type != "cpu":
+        return None, {}
+    with open(cpuinfo) as f:
+        flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    return REFERENCE["bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no_avx512"]
+
+
+def timed(fn, times, device):
+    """fn, but each call appends its wall time (until the device has finished) to `times`."""
+    def wrapper(*a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        return out
+    return wrapper
+
+
+def bench(args):
+    steps = (5 if args.preset == "tiny" else 10) if args.steps is None else args.steps
+    frames = min(lapo.PRESETS[args.preset]["frames"], 16384) if args.frames is None else args.frames
+    device, total, res, rows = lapo.get_device(args), args.warmup + steps, {}, []
+    if args.out:
+        lapo.check_out(args.out)  # fail now, not after the measurements
+    bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16 units: time both precisions
+    precisions = ("fp32", "bf16") if bf16 else ("fp32",)
+    ref_name, ref = reference_row(device) if args.preset == "paper" else (None, {})
+    if args.preset == "paper":
+        print(f"bench: reference: the authors' figures on {ref_name} (fp32)" if ref_name else
+              "bench: no reference: the authors' figures are for CPUs", flush=True)
+
+    def args_of(*argv, amp=args.amp):  # another command's flags, with this preset, seed, device and amp
+        argv += ("--preset", args.preset, "--seed", args.seed, "--device", args.device)
+        argv += ("--amp", amp) if amp else ()
+        return lapo.parse_args([str(x) for x in argv])
+
+    def num(v):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:#.3g}"
+
+    def record(key, value, unit, what, fp32=True):  # the authors' figures are fp32: compare fp32 rows only
+        res[key], r = value, ref.get(key) if fp32 else None
+        rows.append((what, value, unit, r))
+        print(f"bench: {what}: {num(value)} {unit}" + (f" (reference {num(r)})" if r else ""), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a = args_of("collect", "--env", "bigfish", "--out", os.path.join(tmp, "data"), "--frames", frames,
+                    "--test-frames", frames // 4)
+        data = lapo.collect(a)
+        tracemalloc.start()  # counts every allocation of Python and NumPy while the loader runs
+        train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
+        load_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        raw = train.obs.nbytes + test.obs.nbytes  # the uint8 frames as stored
+        record("data_mem_x_frames", load_peak / raw, "x frame bytes",
+               f"loader's peak memory, {raw / 2 ** 20:.0f} MiB of frames")
+        splits = a.collected.values()  # collect's own rate: env steps and writing chunks, not starting the envs
+        rate = sum(c["frames"] for c in splits) / sum(c["frames"] / c["frames_per_s"] for c in splits)
+        record("collect_frames_per_s", rate, "frames/s", f"collect, random policy, {a.num_envs} envs")
+        for prec in precisions:  # fp32 keys plain (compared with the authors'), bf16 keys suffixed _bf16
+            run, sfx = os.path.join(tmp, f"run_{prec}"), "" if prec == "fp32" else "_bf16"
+            for stage, build in (("stage1", lapo.build_stage1), ("stage2", lapo.build_stage2)):
+                a = args_of(stage, "--data", data, "--out", run, amp="off" if prec == "fp32" else "on")
+                every = a.eval_every
+                setattr(a, f"{stage}_steps", total)
+                a.eval_every = a.ckpt_every = a.log_every = total  # one evaluation and one checkpoint, at the end
+                modules, opt, lr_fn, train_step, evaluate = build(a, train, test, device)
+                step_t, eval_t = [], []
+                train_step, evaluate = timed(train_step, step_t, device), timed(evaluate, eval_t, device)
+                lapo.train_loop(stage, a, modules, opt, lr_fn, train_step, evaluate, total)  # the stage's own loop
+                step_s = float(np.median(step_t[args.warmup:]))
+                record(f"{stage}_samples_per_s{sfx}", a.batch_size / step_s, "samples/s",
+                       f"{stage} train step, batch {a.batch_size}, {prec}")
+                if stage == "stage1":
+                    record(f"probe_eval_s{sfx}", eval_t[0], "s",
+                           f"stage1 eval (test loss + probe on {a.probe_windows}), {prec}")
+                    record(f"probe_eval_steps{sfx}", eval_t[0] / step_s, "train steps",
+                           f"stage1 eval, as train steps, {prec}")
+                    record(f"probe_eval_frac{sfx}", eval_t[0] / (every * step_s + eval_t[0]), "of wall time",
+                           f"stage1 eval share at eval_every {every}, {prec}")
+        gen, sample_t = torch.Generator().manual_seed(args.seed), []
+        sample = timed(lambda: train.windows(train.sample(a.batch_size, gen), device), sample_t, device)
+        for _ in range(args.warmup + 100):
+            sample()
+        record("windows_per_s", a.batch_size / np.median(sample_t[args.warmup:]), "windows/s",
+               f"window sampling, batch {a.batch_size}")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        res["host_peak_mib"], res["frames_mib"] = rss / 2 ** 20, raw / 2 ** 20
+        record("host_mem_x_frames", rss / raw, "x frame bytes", f"peak host memory, {raw / 2 ** 20:.0f} MiB of frames")
+        if device.type == "cuda":
+            record("cuda_mem_x_frames", torch.cuda.max_memory_allocated() / raw, "x frame bytes", "peak CUDA memory")
+        run = os.path.join(tmp, "run_fp32")  # online decoding starts from the fp32 stages 1 and 2
+        ppo_runs = () if args.no_ppo else (
+            ("expert", lapo.expert, ("expert", "--env", "bigfish", "--out", os.path.join(tmp, "expert"))),
+            ("online", lapo.stage3_online, ("stage3", "--mode", "online", "--out", run)))  # the RL+SL policy
+        for stage, fn, argv in ppo_runs:
+            a = args_of(*argv, "--eval-episodes", 1, "--eval-max-steps", 1)  # final evaluation: one env step
+            a.frames = (1 + args.ppo_updates) * a.num_envs * a.num_steps  # one warm-up update, then the timed ones
+            fn(a)
+            curve = lapo.load_checkpoint(os.path.join(a.out, f"{stage}.pt"), ("policy",))["curve"]
+            update_s = np.diff([c["frames"] / c["fps"] for c in curve])  # fps counts from the start of PPO
+            amp = lapo.use_amp(a, device)
+            record(f"{stage}_frames_per_s", a.num_envs * a.num_steps / np.median(update_s), "env frames/s",
+                   f"PPO {stage}, {a.num_envs} envs x {a.num_steps} steps, {'bf16' if amp else 'fp32'}", not amp)
+    print(f"\nreference: the authors' release, fp32, on {ref_name}" if ref_name else "")
+    print(f"{'measure':<52} {'value':>8}  {'unit':<14} {'reference':>9} {'ratio':>6}")
+    for what, v, unit, r in rows:
+        print((f"{what:<52} {num(v):>8}  {unit:<14}" + (f" {num(r):>9} {v / r:>6.2f}" if r else "")).rstrip())
+    out = {"bench": {"preset": args.preset, "device": str(device), "precisions": list(precisions),
+                     "ppo_amp": None if args.no_ppo else amp, "threads": torch.get_num_threads(), "steps": steps,
+                     "warmup": args.warmup,
+                     "ppo_updates": args.ppo_updates, "frames": len(train) + len(test), **res,
+                     **({"reference_cpu": ref_name, "reference": ref} if ref_name else {})}}
+    if args.out:
+        lapo.write_summary(args.out, "bench", out)  # bench_summary.json, and the JSON line
+    else:
+        print(json.dumps(out), flush=True)
+    return out["bench"]
+
+
+def main(argv=None):
+    lapo.main(argv, parse, "nothing was kept (bench writes only at the end)")
+
+
+if __name__ == "__main__":
+    main()
