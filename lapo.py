@@ -1264,7 +1264,8 @@ def stage3_online(args):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dec = Decoder(arch["latent_dim"])
-        train_classifier(dec.fit_input(z, args.decoder_std), z, a, math.ceil(3 * len(a) / 512), 512, 1e-3, seed)
+        epochs3 = 3 * math.ceil(len(a) / 512)  # 3 epochs of batch 512, as the authors
+        train_classifier(dec.fit_input(z, args.decoder_std), z, a, epochs3, 512, 1e-3, seed)
         agent.decoder.load_state_dict(dec.state_dict())
         return {"decoder_pairs": len(a), "decoder_train_acc": accuracy(dec, z[-4096:], a[-4096:], "cpu")}
 

@@ -609,6 +609,14 @@ def test_action_free_data_trains(tmp_path):
     assert out["step"] == 30
 
 
+def test_data_without_done_is_announced(tmp_path, capsys):
+    obs, _, _ = moving_square_video(256, seed=3)
+    os.makedirs(tmp_path / "g/train")
+    np.savez(tmp_path / "g/train/0.npz", obs=obs)  # obs only: episode ends unknown
+    data = lapo.load_split(str(tmp_path / "g"), "train")
+    assert "no 'done' arrays" in capsys.readouterr().out and len(data.centres) == 254  # only the chunk's ends
+
+
 # ---------------------------------------------------------------------------------------------- tools/
 def load_tool(name):  # the tools are scripts, not a package: import them by path
     spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(HERE, "tools", f"{name}.py"))
