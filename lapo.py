@@ -103,11 +103,13 @@ def get_device(args):
         raise LapoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return torch.device(args.device)
 
+def bf16_fast(device):
+    """Does this device run bf16 fast: CUDA, or a CPU with bf16 units (AMX/AVX512-BF16)?"""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 def use_amp(args, device):
-    """bf16 autocast where the hardware runs it fast: CUDA, and CPUs with bf16 units (AMX/AVX512-BF16)."""
-    if args.amp == "auto":
-        return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return args.amp == "on"
+    """bf16 autocast: --amp auto turns it on where the hardware runs it fast."""
+    return bf16_fast(device) if args.amp == "auto" else args.amp == "on"
 
 def autocast(device, enabled):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)

@@ -82,8 +82,7 @@ def bench(args):
     device, total, res, rows = lapo.get_device(args), args.warmup + steps, {}, []
     if args.out:
         lapo.check_out(args.out)  # fail now, not after the measurements
-    bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16 units: time both precisions
-    precisions = ("fp32", "bf16") if bf16 else ("fp32",)
+    precisions = ("fp32", "bf16") if lapo.bf16_fast(device) else ("fp32",)  # bf16 units: time both precisions
     ref_name, ref = reference_row(device) if args.preset == "paper" else (None, {})
     if args.preset == "paper":
         print(f"bench: reference: the authors' figures on {ref_name} (fp32)" if ref_name else
