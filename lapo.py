@@ -52,7 +52,7 @@ PRESETS = {
         frames=2_621_440, test_frames=65_536,                     # 80 train chunks, like the authors' default
         impala_scale=4, fdm_width=24, batch_size=128,
         stage1_steps=50_000, stage2_steps=60_000, eval_every=500, ckpt_every=2000,
-        eval_windows=1024, probe_windows=4096, vq_decay=0.999, vq_restart=0.0, fdm_residual=0, idm_diff=0,
+        eval_windows=1024, probe_windows=4096, vq_decay=0.999, fdm_residual=0, idm_diff=0,
         eval_episodes=64, decoder_steps=2000, bc_steps=2000, labels=[16, 64, 256, 1024], decoder_std=0,
         amp="off",  # fp32, as the authors ran it (--amp on: bf16 autocast)
         **{"stage1.lr": 3e-4, "stage2.lr": 2e-4,
@@ -64,7 +64,7 @@ PRESETS = {
         frames=65_536, test_frames=8192,
         impala_scale=1, fdm_width=8, batch_size=64,
         stage1_steps=3000, stage2_steps=2000, eval_every=500, ckpt_every=500,
-        eval_windows=512, probe_windows=2048, vq_decay=0.99, vq_restart=0.0,  # faster EMA: 3k steps, not 50k
+        eval_windows=512, probe_windows=2048, vq_decay=0.99,  # faster EMA: 3k steps, not 50k
         fdm_residual=1, idm_diff=1,  # for the CPU budget: see README 'Deviations'
         eval_episodes=64, decoder_steps=1000, bc_steps=500, labels=[16, 64, 256, 1024], decoder_std=1, amp="auto",
         # PPO budgets sized by measurement on 2 CPU cores with bf16 (README)
@@ -77,7 +77,7 @@ PRESETS = {
         frames=2048, test_frames=1024,
         impala_scale=0.25, fdm_width=4, batch_size=16,
         stage1_steps=30, stage2_steps=30, eval_every=15, ckpt_every=15,
-        eval_windows=64, probe_windows=256, vq_decay=0.9, vq_restart=0.0, fdm_residual=1, idm_diff=1,
+        eval_windows=64, probe_windows=256, vq_decay=0.9, fdm_residual=1, idm_diff=1,
         eval_episodes=2, decoder_steps=50, bc_steps=50, labels=[16, 64], decoder_std=1, amp="auto",
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,
            "online.frames": 2048, "online.num_envs": 8, "online.num_steps": 32, "online.lr": 1e-2,
@@ -187,7 +187,8 @@ def resume_checkpoint(path, kind, args):
     ck = load_checkpoint(path, (kind,))
     saved, current = ck["config"], config_of(args)
     diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)]
+            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
+            and (k in current or saved[k])]  # a flag removed since, saved switched off, changed nothing
     if diff:
         raise LapoError(f"{path} was made with a different configuration ({'; '.join(diff[:4])}); "
                         "rerun with the same flags, or use another --out")
@@ -200,9 +201,12 @@ def fmt_time(s):
 def log_metrics(out, stage, metrics, line=None):
     """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
     metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    path = os.path.join(out, "metrics.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    except OSError as e:  # a full disk: one line, like a failed checkpoint write
+        raise LapoError(f"could not append to {path} ({e.strerror}); checkpoints already written are intact")
     if line:
         print(line, flush=True)
 
@@ -469,10 +473,8 @@ class VectorQuantizer(nn.Module):
     (of 2, 64 codes each) quantizes vectors [4g, 4g+4). Codes move only by EMA (train mode), never by
     gradients; the encoder gets the straight-through gradient plus a commitment loss."""
 
-    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5,
-                 restart=0.0):
+    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5):
         super().__init__()
-        self.restart = restart  # codes whose EMA count falls below this are re-seeded (0: never, as in the paper)
         n_vec = latent_dim // code_dim
         assert latent_dim % code_dim == 0 and n_vec % num_codebooks == 0, "latent must split evenly"
         self.G, self.K, self.D, self.per = num_codebooks, codebook_size, code_dim, n_vec // num_codebooks
@@ -510,13 +512,6 @@ class VectorQuantizer(nn.Module):
         n = self.cluster_size.sum(-1, keepdim=True)  # Laplace smoothing, written back into the EMA counts:
         self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.K * self.eps) * n)
         self.codebook.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
-        if self.restart > 0:  # dead-code restart: move unused codes onto random latents of this batch
-            dead = self.cluster_size < self.restart
-            pick = torch.randint(zg.shape[1], dead.shape, device=zg.device)
-            fresh = torch.gather(zg, 1, pick.unsqueeze(-1).expand(-1, -1, self.D))
-            self.codebook.copy_(torch.where(dead.unsqueeze(-1), fresh, self.codebook))
-            self.embed_sum.copy_(torch.where(dead.unsqueeze(-1), fresh, self.embed_sum))
-            self.cluster_size.masked_fill_(dead, 1.0)
 
 DIFF_GAIN = 8.0  # frame differences are small (most pixels do not change); scale them to the frames' range
 
@@ -526,12 +521,11 @@ class IDM(nn.Module):
     invertible linear map), but the change, which carries the action, stands out from a bright static background."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999, vq_restart=0.0, diff_input=False):
+                 vq_decay=0.999, diff_input=False):
         super().__init__()
         self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
-        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay,
-                                  restart=vq_restart) if vq else None
+        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay) if vq else None
 
     def forward(self, window):
         x = preprocess(window)
@@ -848,7 +842,7 @@ def probe_accuracy(z, y, seed=0, steps=300):
 
 def build_idm(cfg):
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"] and not cfg.get("supervised"), cfg["code_dim"],
-               cfg["num_codebooks"], cfg["codebook_size"], cfg["vq_decay"], cfg.get("vq_restart", 0.0),
+               cfg["num_codebooks"], cfg["codebook_size"], cfg["vq_decay"],
                bool(cfg.get("idm_diff", 0)))
 
 def build_fdm(cfg):
@@ -1039,6 +1033,7 @@ def stage3_offline(args):
         # the IDM's latents are cleaner, but pi(o_t) is their mean given o_t alone: a shifted input.
         z = idm_latents(idm, train_data, c, device, amp) if args.decoder_input == "idm" else \
             policy_latents(policy, train_data.obs[c.cpu()], device, amp)
+        torch.manual_seed(args.seed + n)  # the decoder's initial weights: same seed, same result
         agent = DecodedAgent(**arch)
         agent.policy.load_state_dict(policy.state_dict())
         train_classifier(agent.decoder.fit_input(z, args.decoder_std), z, y, args.decoder_steps, 512, 1e-3,
@@ -1434,7 +1429,6 @@ def build_parser():
     add(sp, "--num-codebooks", POS, 2, "codebooks, each for an equal share of vectors")
     add(sp, "--codebook-size", POS, 64, "codes per codebook")
     add(sp, "--vq-decay", num(float, 0, 0.99999), None, "EMA decay of the codebooks (paper: 0.999)")
-    add(sp, "--vq-restart", NONNEG_F, None, "re-seed codes whose EMA usage count falls below this (0: off, as paper)")
     add(sp, "--commit-weight", NONNEG_F, 0.05, "commitment loss weight")
     sp.add_argument("--no-vq", dest="vq", action="store_false", help="ablation: no VQ bottleneck")
     add(sp, "--fdm-width", num(int, 2), None, "U-Net base width (paper: 24)")

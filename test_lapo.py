@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -313,6 +314,15 @@ def test_resume_continues_exactly_and_config_mismatch_is_refused(tmp_path, monke
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b")]), train, test)
     with pytest.raises(lapo.LapoError, match="different configuration"):
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b"), "--resume", "--fdm-width", "8"]), train, test)
+    ck = torch.load(tmp_path / "b/stage1.pt", weights_only=False)  # a flag since removed, saved switched off:
+    ck["config"]["removed_flag"] = 0.0
+    resumed = lapo.parse_args(base + ["--resume", "--out", str(tmp_path / "b")])
+    torch.save(ck, tmp_path / "b/stage1.pt")
+    assert lapo.resume_checkpoint(str(tmp_path / "b/stage1.pt"), "stage1", resumed)
+    ck["config"]["removed_flag"] = 0.5  # ... but switched on, it changed the run
+    torch.save(ck, tmp_path / "b/stage1.pt")
+    with pytest.raises(lapo.LapoError, match="removed_flag"):
+        lapo.resume_checkpoint(str(tmp_path / "b/stage1.pt"), "stage1", resumed)
 
 
 # ---------------------------------------------------------------------------------------------- PPO pieces
@@ -500,6 +510,18 @@ def test_stage3_offline_never_overwrites_earlier_results(pipeline):
     assert after == before
 
 
+def test_stage3_offline_same_seed_same_decoder(pipeline, tmp_path):
+    run, data = pipeline[1], pipeline[0] / "data/bigfish"
+    for f in ("stage1.pt", "stage2.pt"):
+        shutil.copy(run / f, tmp_path / f)
+    lapo.stage3_offline(lapo.parse_args(["stage3", "--mode", "offline", "--preset", "tiny", "--labels", "16",
+                                         "--eval-episodes", "1", "--eval-max-steps", "20", "--data", str(data),
+                                         "--out", str(tmp_path)]))
+    first, again = (torch.load(p / "decoded_16.pt", weights_only=False)["model"] for p in (run, tmp_path))
+    for k, v in first.items():
+        assert torch.equal(v, again[k]), k
+
+
 def one_line_error(r, *needles):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
@@ -594,6 +616,9 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, mo
         lapo.save_atomic({"kind": "x", "v": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["v"] == 1 and not os.path.exists(path + ".tmp")
+    os.makedirs(tmp_path / "metrics.jsonl")  # the progress log cannot be appended to: one line too
+    with pytest.raises(lapo.LapoError, match="could not append to .*metrics.jsonl"):
+        lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
 
 
 def test_action_free_data_trains(tmp_path):
