@@ -684,6 +684,9 @@ def test_bench_reference_row_follows_the_cpu_flags(tmp_path):
 @pytest.mark.parametrize("tool,argv,flag", [
     ("pipeline", ["--seeds", "abc"], "--seeds"), ("pipeline", ["--seeds", ""], "--seeds"),
     ("pipeline", ["--seeds", "0,0"], "--seeds"), ("pipeline", ["--seeds", "-1"], "--seeds"),
+    ("pipeline", ["--flags", "stage9=--x 1"], "--flags"), ("pipeline", ["--flags", "stage1=--stage1-steps 0"],
+                                                              "--stage1-steps"),
+    ("pipeline", ["--flags", "stage1=--seed 3"], "--seed"), ("pipeline", ["--flags", "stage2=--nope"], "--nope"),
     ("bench", ["--steps", "0"], "--steps"), ("bench", ["--warmup", "-1"], "--warmup"),
     ("bench", ["--frames", "100"], "--frames"), ("bench", ["--ppo-updates", "x"], "--ppo-updates"),
     ("bench", ["--seed", str(2 ** 31)], "--seed"), ("bench", ["--preset", "huge"], "--preset")])
@@ -706,7 +709,8 @@ def tool_pipeline(tmp_path_factory):
     """The tiny pipeline over two seeds on real Procgen: shared expert and data, per seed LAPO (stages 1-3), the
     supervised IDM, PPO from scratch and no-SL; then results.md, results.json and the plots."""
     root = tmp_path_factory.mktemp("pipeline")
-    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations")
+    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations",
+                 "--flags", "stage1=--stage1-steps 20")
     return root, r.stdout
 
 
@@ -718,8 +722,11 @@ def test_pipeline_layout_and_commands(tool_pipeline):
         for f in ("lapo/stage3_offline_summary.json", "lapo/online.pt", "lapo/online_nosl.pt",
                   "supervised/stage1_summary.json", "ppo_scratch/expert.pt"):
             assert os.path.exists(root / f"seed{k}" / f), (k, f)
-        assert json.load(open(root / f"seed{k}/lapo/stage1_summary.json"))["probe_acc"] >= 0
-        cmd = f"python lapo.py stage1 --supervised 1 --data {root}/data/bigfish --out {root}/seed{k}/supervised"
+        for d in ("lapo", "supervised"):  # --flags stage1=... reaches the latent and the supervised IDM alike
+            s1 = json.load(open(root / f"seed{k}/{d}/stage1_summary.json"))
+            assert s1["step"] == 20 and s1["probe_acc"] >= 0
+        cmd = (f"python lapo.py stage1 --supervised 1 --data {root}/data/bigfish --stage1-steps 20 "
+               f"--out {root}/seed{k}/supervised")
         assert cmd in stdout
     assert json.load(open(root / "seed1/ppo_scratch/expert_summary.json"))["frames"] == 2048  # the online budget
     steps = json.load(open(root / "pipeline_steps.json"))
@@ -747,7 +754,8 @@ def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
                 "| offline, 64 labels: LAPO - BC |", "| online, last 20% of frames: RL+SL |",
                 "| online, first 10% of frames: PPO from scratch |", "| online, last 20% of frames: RL+SL - PPO |",
                 "| online, last 20% of frames: no SL |", "| seed 0 | seed 1 |", "| seed0 stage1 |", "| total |",
-                "Hardware: CPU", "bf16 units:", "bf16 autocast (`--amp`):", "--expert-return"):
+                "Hardware: CPU", "bf16 units:", "bf16 autocast (`--amp`):", "--expert-return",
+                "`stage1=--stage1-steps 20`"):
         assert row in md, row
     for png in ("offline.png", "online.png", "latents.png", "fdm.png"):
         with open(root / png, "rb") as f:
@@ -757,8 +765,12 @@ def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
 
 def test_pipeline_second_call_skips_every_step(tool_pipeline):
     root = tool_pipeline[0]
-    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations")
+    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, "--ablations",
+                 "--flags", "stage1=--stage1-steps 20")
     assert "python lapo.py" not in r.stdout and r.stdout.count(" done (") == 2 + 2 * 7
+    r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--out", root, ok=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr  # other flags: refused, not mixed
+    assert "another configuration (flags: ['stage1=--stage1-steps 20'] -> [])" in r.stderr, r.stderr
 
 
 def test_bench_tiny(tmp_path):

@@ -33,6 +33,25 @@ def seed_list(text):
     return seeds
 
 
+# required arguments that let a command's parser check extra flags on their own; the pipeline sets the real ones
+FLAG_CMDS = {"expert": ["--env", "bigfish"], "collect": ["--env", "bigfish"], "stage1": ["--data", "x"],
+             "stage2": ["--data", "x"], "stage3": ["--mode", "online"]}
+OWNED = {"--preset", "--seed", "--out", "--resume", "--device", "--amp", "--data", "--env", "--mode", "--policy"}
+
+
+def extra_flags(text):
+    """argparse type of --flags: CMD=FLAGS, lapo.py flags for one command, checked by that command's own parser."""
+    cmd, _, rest = text.partition("=")
+    if cmd not in FLAG_CMDS:
+        raise argparse.ArgumentTypeError(f"expected CMD=FLAGS with CMD one of {', '.join(FLAG_CMDS)}, got {text!r}")
+    argv = shlex.split(rest)
+    owned = OWNED.intersection(a.split("=")[0] for a in argv)
+    if owned:
+        raise argparse.ArgumentTypeError(f"{', '.join(sorted(owned))}: set by the pipeline itself, not by --flags")
+    lapo.build_parser().parse_args([cmd, *FLAG_CMDS[cmd], *argv])  # a bad flag or value: one line (LapoError)
+    return cmd, argv
+
+
 def parse(argv=None):
     p = lapo.Parser(description=__doc__.split("\n")[0])  # its errors are LapoErrors: one line, exit 2
     p.add_argument("--env", default="starpilot", help="Procgen game (the README explains the default)")
@@ -42,6 +61,10 @@ def parse(argv=None):
     p.add_argument("--out", default="runs/demo", help="pipeline folder: expert/, data/, seed<k>/, results.md")
     p.add_argument("--expert", default=None, help="use this policy checkpoint as the expert instead of training one")
     p.add_argument("--ablations", action="store_true", help="also online decoding without SL (the paper's no-SL)")
+    p.add_argument("--flags", type=extra_flags, action="append", default=[], metavar="CMD=FLAGS",
+                   help="extra lapo.py flags for one command (repeatable), e.g. stage1='--stage1-steps 12000': stage1 "
+                   "flags reach the latent and the supervised IDM, stage3 flags offline and online decoding and PPO "
+                   f"from scratch's budget (--frames); CMD is one of {', '.join(FLAG_CMDS)}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     p.add_argument("--amp", choices=("auto", "on", "off"), default=None, help="bf16 autocast (default: the preset's)")
     p.set_defaults(func=pipeline)
@@ -51,6 +74,12 @@ def parse(argv=None):
 # ==============================================================================================
 # RUN: every step is one lapo stage function, skipped when its summary exists
 # ==============================================================================================
+def configuration(args):
+    """What every step's result depends on; a rerun may add seeds and --ablations, but not change these."""
+    return {"env": args.env, "preset": args.preset, "expert": args.expert, "flags": [f"{c}={shlex.join(f)}"
+                                                                                      for c, f in args.flags]}
+
+
 def pipeline(args):
     lapo.check_game(args.env)
     root, game, seeds = args.out, args.env, args.seeds
@@ -59,6 +88,14 @@ def pipeline(args):
     lapo.check_out(root)  # a folder that cannot be written: one line, before any work
     steps_path = os.path.join(root, "pipeline_steps.json")  # per step: wall time, device and precision it ran with
     steps = lapo.read_json(steps_path) or {}
+    x = {cmd: [f for c, fl in args.flags if c == cmd for f in fl] for cmd in FLAG_CMDS}  # --flags, per command
+    setup, setup_path = configuration(args), os.path.join(root, "pipeline_config.json")
+    saved = lapo.read_json(setup_path)
+    if saved is not None and saved != setup:  # finished steps are skipped: a new configuration would mix in silently
+        changed = ", ".join(f"{k}: {saved.get(k)} -> {setup[k]}" for k in setup if saved.get(k) != setup[k])
+        raise lapo.LapoError(f"{root} holds a pipeline run with another configuration ({changed}); "
+                             "rerun with the same flags (more --seeds are fine), or use another --out")
+    lapo.write_json(setup_path, setup)
 
     def step(name, fn, argv, seed, done, ckpt=None):
         if os.path.exists(done):
@@ -76,32 +113,34 @@ def pipeline(args):
 
     expert_ckpt = args.expert or os.path.join(root, "expert", "expert.pt")
     if not args.expert:
-        step("expert", lapo.expert, ["expert", "--env", game, "--out", os.path.join(root, "expert")], seeds[0],
-             os.path.join(root, "expert", "expert_summary.json"), os.path.join(root, "expert", "expert_state.pt"))
+        step("expert", lapo.expert, ["expert", "--env", game, "--out", os.path.join(root, "expert"), *x["expert"]],
+             seeds[0], os.path.join(root, "expert", "expert_summary.json"),
+             os.path.join(root, "expert", "expert_state.pt"))
     if os.path.isdir(data) and not os.path.exists(os.path.join(data, "collect_summary.json")):
         print(f"pipeline: {data} holds an interrupted collection; recollecting", flush=True)
         shutil.rmtree(data)
     step("collect", lapo.collect, ["collect", "--env", game, "--policy", expert_ckpt, "--out",
-                                   os.path.join(root, "data")], seeds[0], os.path.join(data, "collect_summary.json"))
+                                   os.path.join(root, "data"), *x["collect"]], seeds[0],
+         os.path.join(data, "collect_summary.json"))
     # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
     ex = lapo.read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
     norm = [] if ex is None else ["--expert-return", ex]
     for k in seeds:
         run, sup, scratch = (os.path.join(root, f"seed{k}", d) for d in ("lapo", "supervised", "ppo_scratch"))
-        frames = lapo.parse_args(["stage3", "--mode", "online", "--out", run, *flags]).frames  # PPO's budget too
+        frames = lapo.parse_args(["stage3", "--mode", "online", "--out", run, *x["stage3"], *flags]).frames
+        online = ["stage3", "--mode", "online", *norm, *x["stage3"]]
         for name, fn, argv, out, done, ckpt in (
-                ("stage1", lapo.stage1, ["stage1", "--data", data], run, "stage1", "stage1.pt"),
-                ("stage2", lapo.stage2, ["stage2", "--data", data], run, "stage2", "stage2.pt"),
+                ("stage1", lapo.stage1, ["stage1", "--data", data, *x["stage1"]], run, "stage1", "stage1.pt"),
+                ("stage2", lapo.stage2, ["stage2", "--data", data, *x["stage2"]], run, "stage2", "stage2.pt"),
                 ("stage3 offline + BC from scratch", lapo.stage3_offline, ["stage3", "--mode", "offline",
-                 "--baseline", "bc", "--data", data, *norm], run, "stage3_offline", None),
-                ("stage3 online (RL+SL)", lapo.stage3_online, ["stage3", "--mode", "online", *norm], run,
-                 "stage3_online", "online_state.pt"),
-                ("supervised IDM", lapo.stage1, ["stage1", "--supervised", 1, "--data", data], sup, "stage1",
-                 "stage1.pt"),
+                 "--baseline", "bc", "--data", data, *norm, *x["stage3"]], run, "stage3_offline", None),
+                ("stage3 online (RL+SL)", lapo.stage3_online, online, run, "stage3_online", "online_state.pt"),
+                ("supervised IDM", lapo.stage1, ["stage1", "--supervised", 1, "--data", data, *x["stage1"]], sup,
+                 "stage1", "stage1.pt"),
                 ("PPO from scratch", lapo.expert, ["expert", "--env", game, "--frames", frames, *norm], scratch,
                  "expert", "expert_state.pt"),
-                *([("stage3 online, no SL", lapo.stage3_online, ["stage3", "--mode", "online", "--no-sl", *norm], run,
-                    "stage3_online_nosl", "online_nosl_state.pt")] if args.ablations else [])):
+                *([("stage3 online, no SL", lapo.stage3_online, [*online, "--no-sl"], run, "stage3_online_nosl",
+                    "online_nosl_state.pt")] if args.ablations else [])):
             step(f"seed{k} {name}", fn, [*argv, "--out", out], k, os.path.join(out, f"{done}_summary.json"),
                  ckpt and os.path.join(out, ckpt))
     report(root, game, args)
@@ -216,6 +255,8 @@ def report(root, game, args):
     devices, amps = sorted({s["device"] for s in steps.values()}), tuple(sorted({s["amp"] for s in steps.values()}))
     amp = {(True,): "on", (False,): "off, fp32", (): "n/a"}.get(amps, "mixed, see the steps")
     lines = [f"# LAPO pipeline results: {game}, preset `{args.preset}`, seeds {','.join(map(str, seeds))}", "",
+             "Extra lapo.py flags (`--flags`): " + ("; ".join(f"`{f}`" for f in configuration(args)["flags"]) or
+                                                    "none (the preset as it is)") + ".", "",
              f"Hardware: CPU `{cpu_model()}`, bf16 units: {yes[bf16]}, device {', '.join(devices) or 'n/a'}; "
              f"bf16 autocast (`--amp`): {amp}.", "",
              f"Normalized return = (R - random) / (expert - random), random = {rnd} (the REFERENCE table), expert = "
@@ -278,7 +319,8 @@ def report(root, game, args):
         plt.close(fig)
         lines.append(f"![{name}]({name})")
     lapo.write_json(os.path.join(root, "results.json"), {
-        "game": game, "preset": args.preset, "seeds": seeds, "expert_return": ex, "random_return": rnd,
+        "game": game, "preset": args.preset, "flags": configuration(args)["flags"], "seeds": seeds,
+        "expert_return": ex, "random_return": rnd,
         "normalized": ok, "cpu": cpu_model(), "bf16_units": bf16, "amp": amp, "per_seed": per_seed,
         "aggregate": agg, "steps": steps})
     with open(os.path.join(root, "results.md.tmp"), "w") as f:
