@@ -206,7 +206,7 @@ def log_metrics(out, stage, metrics, line=None):
         with open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
     except OSError as e:  # a full disk: one line, like a failed checkpoint write
-        raise LapoError(f"could not append to {path} ({e.strerror}); checkpoints already written are intact")
+        raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
     if line:
         print(line, flush=True)
 

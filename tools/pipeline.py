@@ -1,6 +1,7 @@
 """LAPO and its baselines over seeds in one command, then a results table (mean ± SE over seeds) and plots.
 
     python tools/pipeline.py --env starpilot --preset small --seeds 0,1,2 --out runs/demo [--expert PATH] [--ablations]
+        [--flags stage1='--stage1-steps 12000' ...]   # extra lapo.py flags for one command (repeatable)
 
 Shared by all seeds: the expert (<out>/expert) and the data it collects (<out>/data/<game>). Per seed k, in
 <out>/seed<k>/: lapo/ (stages 1-3: offline decoding + BC from scratch, online RL+SL, with --ablations no-SL),
@@ -9,6 +10,7 @@ scratch at the online budget). Each step calls lapo.py's own stage function, pri
 line, and is skipped when its summary exists: rerun the same command to continue an interrupted pipeline.
 """
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -33,23 +35,33 @@ def seed_list(text):
     return seeds
 
 
-# required arguments that let a command's parser check extra flags on their own; the pipeline sets the real ones
-FLAG_CMDS = {"expert": ["--env", "bigfish"], "collect": ["--env", "bigfish"], "stage1": ["--data", "x"],
-             "stage2": ["--data", "x"], "stage3": ["--mode", "online"]}
-OWNED = {"--preset", "--seed", "--out", "--resume", "--device", "--amp", "--data", "--env", "--mode", "--policy"}
+# --flags: a placeholder for each command's required arguments, so its own parser can check extra flags alone
+PLACEHOLDER = {"expert": ["--env", "bigfish"], "collect": ["--env", "bigfish"], "stage1": ["--data", "-"],
+               "stage2": ["--data", "-"], "stage3": ["--mode", "online"]}
+# settings the pipeline makes itself (argparse dests): --flags may not change them, however they are spelled
+OWNED = ("preset", "seed", "out", "resume", "device", "amp", "data", "env", "mode", "policy", "supervised", "no_sl",
+         "baseline", "expert_return")
 
 
 def extra_flags(text):
-    """argparse type of --flags: CMD=FLAGS, lapo.py flags for one command, checked by that command's own parser."""
-    cmd, _, rest = text.partition("=")
-    if cmd not in FLAG_CMDS:
-        raise argparse.ArgumentTypeError(f"expected CMD=FLAGS with CMD one of {', '.join(FLAG_CMDS)}, got {text!r}")
-    argv = shlex.split(rest)
-    owned = OWNED.intersection(a.split("=")[0] for a in argv)
+    """argparse type of --flags: CMD=FLAGS, lapo.py flags for one command, checked by that command's own parser.
+    -> (command, its flags, {setting: value} they change)"""
+    cmd, eq, rest = text.partition("=")
+    if cmd not in PLACEHOLDER or not eq:
+        raise argparse.ArgumentTypeError(f"expected CMD=FLAGS with CMD one of {', '.join(PLACEHOLDER)}, got {text!r}")
+    try:
+        argv = shlex.split(rest)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}")
+    if {"-h", "--help"} & set(argv):
+        raise argparse.ArgumentTypeError("--help is not a flag to pass on; run python lapo.py CMD --help")
+    parser = lapo.build_parser()  # a bad flag or value raises a one-line LapoError here
+    base, new = (vars(parser.parse_args([cmd, *more, *PLACEHOLDER[cmd]])) for more in ([], argv))
+    changed = {k: v for k, v in new.items() if k != "func" and base[k] != v}
+    owned = [k for k in OWNED if k in changed]
     if owned:
-        raise argparse.ArgumentTypeError(f"{', '.join(sorted(owned))}: set by the pipeline itself, not by --flags")
-    lapo.build_parser().parse_args([cmd, *FLAG_CMDS[cmd], *argv])  # a bad flag or value: one line (LapoError)
-    return cmd, argv
+        raise argparse.ArgumentTypeError(f"--{owned[0].replace('_', '-')} is set by the pipeline itself")
+    return cmd, argv, changed
 
 
 def parse(argv=None):
@@ -64,7 +76,7 @@ def parse(argv=None):
     p.add_argument("--flags", type=extra_flags, action="append", default=[], metavar="CMD=FLAGS",
                    help="extra lapo.py flags for one command (repeatable), e.g. stage1='--stage1-steps 12000': stage1 "
                    "flags reach the latent and the supervised IDM, stage3 flags offline and online decoding and PPO "
-                   f"from scratch's budget (--frames); CMD is one of {', '.join(FLAG_CMDS)}")
+                   f"from scratch's budget (--frames); CMD is one of {', '.join(PLACEHOLDER)}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     p.add_argument("--amp", choices=("auto", "on", "off"), default=None, help="bf16 autocast (default: the preset's)")
     p.set_defaults(func=pipeline)
@@ -76,28 +88,97 @@ def parse(argv=None):
 # ==============================================================================================
 def configuration(args):
     """What every step's result depends on; a rerun may add seeds and --ablations, but not change these."""
-    return {"env": args.env, "preset": args.preset, "expert": args.expert, "flags": [f"{c}={shlex.join(f)}"
-                                                                                      for c, f in args.flags]}
+    flags = {}
+    for cmd, _, changed in args.flags:
+        flags.setdefault(cmd, {}).update(changed)
+    setup = {"env": args.env, "preset": args.preset, "expert": args.expert and os.path.abspath(args.expert),
+             "flags": flags}
+    return json.loads(json.dumps(setup))  # as it reads back from pipeline_config.json
+
+
+def check_configuration(root, setup):
+    """Refuse a rerun into `root` with another configuration: its finished steps would be skipped, and mixed in."""
+    path = os.path.join(root, "pipeline_config.json")
+    saved = lapo.read_json(path)
+    if saved is None and lapo.read_json(os.path.join(root, "pipeline_steps.json")):  # a run from before the file
+        old = lapo.read_json(os.path.join(root, "results.json")) or {}
+        saved = {"flags": {}, **({"env": old["game"], "preset": old["preset"]} if old else {})}
+    changed = [f"{k}: {saved[k]} -> {setup[k]}" for k in setup if saved and k in saved and saved[k] != setup[k]]
+    if changed:
+        raise lapo.LapoError(f"{root} holds a pipeline run with another configuration ({'; '.join(changed)}); rerun "
+                             "with the same flags (more --seeds and --ablations are fine), or use another --out")
+    lapo.write_json(path, setup)
+
+
+def plan(args, x, norm):
+    """Every step: (name, stage function, lapo.py argv, seed, its summary file, its checkpoint or None). User flags
+    (--flags) come right after the command, so the pipeline's own settings after them always win."""
+    root, game, seeds = args.out, args.env, args.seeds
+    data, flags = os.path.join(root, "data", game), common_flags(args)
+    todo = []
+    if not args.expert:
+        todo.append(("expert", lapo.expert, ["expert", *x["expert"], "--env", game, "--out",
+                                             os.path.join(root, "expert")], seeds[0],
+                     os.path.join(root, "expert", "expert_summary.json"), os.path.join(root, "expert",
+                                                                                     "expert_state.pt")))
+    todo.append(("collect", lapo.collect, ["collect", *x["collect"], "--env", game, "--policy",
+                                           args.expert or os.path.join(root, "expert", "expert.pt"),
+                                           "--out", os.path.join(root, "data")], seeds[0],
+                 os.path.join(data, "collect_summary.json"), None))
+    for k in seeds:
+        run, sup, scratch = (os.path.join(root, f"seed{k}", d) for d in ("lapo", "supervised", "ppo_scratch"))
+        online = ["stage3", *x["stage3"], "--mode", "online", *norm]
+        frames = lapo.parse_args([*map(str, online), "--out", run, *flags]).frames  # PPO from scratch's budget too
+        for name, fn, argv, out, done, ckpt in (
+                ("stage1", lapo.stage1, ["stage1", *x["stage1"], "--data", data], run, "stage1", "stage1.pt"),
+                ("stage2", lapo.stage2, ["stage2", *x["stage2"], "--data", data], run, "stage2", "stage2.pt"),
+                ("stage3 offline + BC from scratch", lapo.stage3_offline, ["stage3", *x["stage3"], "--mode",
+                 "offline", "--baseline", "bc", "--data", data, *norm], run, "stage3_offline", None),
+                ("stage3 online (RL+SL)", lapo.stage3_online, online, run, "stage3_online", "online_state.pt"),
+                ("supervised IDM", lapo.stage1, ["stage1", *x["stage1"], "--supervised", 1, "--data", data], sup,
+                 "stage1", "stage1.pt"),
+                ("PPO from scratch", lapo.expert, ["expert", "--env", game, "--frames", frames, *norm], scratch,
+                 "expert", "expert_state.pt"),
+                *([("stage3 online, no SL", lapo.stage3_online, [*online, "--no-sl"], run, "stage3_online_nosl",
+                    "online_nosl_state.pt")] if args.ablations else [])):
+            todo.append((f"seed{k} {name}", fn, [*argv, "--out", out], k, os.path.join(out, f"{done}_summary.json"),
+                         ckpt and os.path.join(out, ckpt)))
+    return todo
+
+
+def common_flags(args):
+    return ["--preset", args.preset, "--device", args.device] + (["--amp", args.amp] if args.amp else [])
+
+
+def check_plan(todo, flags):
+    """Parse every step's command line before any work (a bad combination of flags fails now, not hours in), and
+    check that online decoding and PPO from scratch get the same frame budget (each rounds to whole rollouts)."""
+    parsed = {name: lapo.parse_args([*map(str, argv), *flags, "--seed", str(seed)])
+              for name, _, argv, seed, _, _ in todo}
+    for name, a in parsed.items():
+        if name.endswith("online (RL+SL)"):
+            b = parsed[name.replace("stage3 online (RL+SL)", "PPO from scratch")]
+            got = [x.frames // (x.num_envs * x.num_steps) * x.num_envs * x.num_steps for x in (a, b)]
+            if got[0] != got[1]:
+                raise lapo.LapoError(f"online decoding would run {got[0]} frames and PPO from scratch {got[1]}: "
+                                     f"choose a stage3 --frames that is a multiple of both rollouts "
+                                     f"({a.num_envs * a.num_steps} and {b.num_envs * b.num_steps} frames)")
 
 
 def pipeline(args):
     lapo.check_game(args.env)
-    root, game, seeds = args.out, args.env, args.seeds
-    data = os.path.join(root, "data", game)
-    flags = ["--preset", args.preset, "--device", args.device] + (["--amp", args.amp] if args.amp else [])
+    root, game = args.out, args.env
+    data, flags = os.path.join(root, "data", game), common_flags(args)
     lapo.check_out(root)  # a folder that cannot be written: one line, before any work
+    x = {cmd: [f for c, fl, _ in args.flags if c == cmd for f in fl] for cmd in PLACEHOLDER}  # --flags, per command
+    if args.expert and x["expert"]:
+        raise lapo.LapoError("--flags expert=... trains the expert, but --expert PATH says not to train one")
+    check_plan(plan(args, x, ["--expert-return", "1.0"]), flags)  # the expert's return is not known yet
+    check_configuration(root, configuration(args))
     steps_path = os.path.join(root, "pipeline_steps.json")  # per step: wall time, device and precision it ran with
     steps = lapo.read_json(steps_path) or {}
-    x = {cmd: [f for c, fl in args.flags if c == cmd for f in fl] for cmd in FLAG_CMDS}  # --flags, per command
-    setup, setup_path = configuration(args), os.path.join(root, "pipeline_config.json")
-    saved = lapo.read_json(setup_path)
-    if saved is not None and saved != setup:  # finished steps are skipped: a new configuration would mix in silently
-        changed = ", ".join(f"{k}: {saved.get(k)} -> {setup[k]}" for k in setup if saved.get(k) != setup[k])
-        raise lapo.LapoError(f"{root} holds a pipeline run with another configuration ({changed}); "
-                             "rerun with the same flags (more --seeds are fine), or use another --out")
-    lapo.write_json(setup_path, setup)
 
-    def step(name, fn, argv, seed, done, ckpt=None):
+    def step(name, fn, argv, seed, done, ckpt):
         if os.path.exists(done):
             print(f"pipeline: {name} done ({done})", flush=True)
             return
@@ -111,38 +192,16 @@ def pipeline(args):
         steps[name] = {"wall_s": wall, "device": str(device), "amp": lapo.use_amp(a, device)}
         lapo.write_json(steps_path, steps)
 
-    expert_ckpt = args.expert or os.path.join(root, "expert", "expert.pt")
-    if not args.expert:
-        step("expert", lapo.expert, ["expert", "--env", game, "--out", os.path.join(root, "expert"), *x["expert"]],
-             seeds[0], os.path.join(root, "expert", "expert_summary.json"),
-             os.path.join(root, "expert", "expert_state.pt"))
-    if os.path.isdir(data) and not os.path.exists(os.path.join(data, "collect_summary.json")):
-        print(f"pipeline: {data} holds an interrupted collection; recollecting", flush=True)
-        shutil.rmtree(data)
-    step("collect", lapo.collect, ["collect", "--env", game, "--policy", expert_ckpt, "--out",
-                                   os.path.join(root, "data"), *x["collect"]], seeds[0],
-         os.path.join(data, "collect_summary.json"))
+    first = plan(args, x, [])
+    for s in first[:1 + (not args.expert)]:  # the expert, and the data it collects
+        if s[0] == "collect" and os.path.isdir(data) and not os.path.exists(s[4]):
+            print(f"pipeline: {data} holds an interrupted collection; recollecting", flush=True)
+            shutil.rmtree(data)
+        step(*s)
     # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
     ex = lapo.read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
-    norm = [] if ex is None else ["--expert-return", ex]
-    for k in seeds:
-        run, sup, scratch = (os.path.join(root, f"seed{k}", d) for d in ("lapo", "supervised", "ppo_scratch"))
-        frames = lapo.parse_args(["stage3", "--mode", "online", "--out", run, *x["stage3"], *flags]).frames
-        online = ["stage3", "--mode", "online", *norm, *x["stage3"]]
-        for name, fn, argv, out, done, ckpt in (
-                ("stage1", lapo.stage1, ["stage1", "--data", data, *x["stage1"]], run, "stage1", "stage1.pt"),
-                ("stage2", lapo.stage2, ["stage2", "--data", data, *x["stage2"]], run, "stage2", "stage2.pt"),
-                ("stage3 offline + BC from scratch", lapo.stage3_offline, ["stage3", "--mode", "offline",
-                 "--baseline", "bc", "--data", data, *norm, *x["stage3"]], run, "stage3_offline", None),
-                ("stage3 online (RL+SL)", lapo.stage3_online, online, run, "stage3_online", "online_state.pt"),
-                ("supervised IDM", lapo.stage1, ["stage1", "--supervised", 1, "--data", data, *x["stage1"]], sup,
-                 "stage1", "stage1.pt"),
-                ("PPO from scratch", lapo.expert, ["expert", "--env", game, "--frames", frames, *norm], scratch,
-                 "expert", "expert_state.pt"),
-                *([("stage3 online, no SL", lapo.stage3_online, [*online, "--no-sl"], run, "stage3_online_nosl",
-                    "online_nosl_state.pt")] if args.ablations else [])):
-            step(f"seed{k} {name}", fn, [*argv, "--out", out], k, os.path.join(out, f"{done}_summary.json"),
-                 ckpt and os.path.join(out, ckpt))
+    for s in plan(args, x, [] if ex is None else ["--expert-return", ex])[1 + (not args.expert):]:
+        step(*s)
     report(root, game, args)
 
 
@@ -255,8 +314,8 @@ def report(root, game, args):
     devices, amps = sorted({s["device"] for s in steps.values()}), tuple(sorted({s["amp"] for s in steps.values()}))
     amp = {(True,): "on", (False,): "off, fp32", (): "n/a"}.get(amps, "mixed, see the steps")
     lines = [f"# LAPO pipeline results: {game}, preset `{args.preset}`, seeds {','.join(map(str, seeds))}", "",
-             "Extra lapo.py flags (`--flags`): " + ("; ".join(f"`{f}`" for f in configuration(args)["flags"]) or
-                                                    "none (the preset as it is)") + ".", "",
+             "Extra lapo.py flags (`--flags`): " + ("; ".join(f"`{c}={shlex.join(f)}`" for c, f, _ in args.flags)
+                                                    or "none (the preset as it is)") + ".", "",
              f"Hardware: CPU `{cpu_model()}`, bf16 units: {yes[bf16]}, device {', '.join(devices) or 'n/a'}; "
              f"bf16 autocast (`--amp`): {amp}.", "",
              f"Normalized return = (R - random) / (expert - random), random = {rnd} (the REFERENCE table), expert = "
