@@ -292,6 +292,7 @@ def collect(args):
         envs = Envs(args.env, args.num_envs, seed)
         obs = envs.reset()
         rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)  # the policy's action sampling: same seed, same data
         t0, done_frames, ep_returns, i = time.time(), 0, [], 0
         while done_frames < frames:
             steps = max(1, min(chunk_len, frames - done_frames) // args.num_envs)

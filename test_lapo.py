@@ -466,6 +466,15 @@ def test_collect_writes_the_authors_layout(pipeline):
     assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024 and summary["temperature"] == 0.5
 
 
+def test_collect_with_a_policy_is_reproducible(pipeline, tmp_path):
+    root = pipeline[0]
+    lapo.collect(lapo.parse_args(["collect", "--env", "bigfish", "--preset", "tiny", "--policy",
+                                  str(root / "expert/expert.pt"), "--out", str(tmp_path), "--temperature", "0.5"]))
+    for split in ("train", "test"):
+        with np.load(root / f"data/bigfish/{split}/0.npz") as a, np.load(tmp_path / f"bigfish/{split}/0.npz") as b:
+            assert np.array_equal(a["ta"], b["ta"]) and np.array_equal(a["obs"], b["obs"]), split
+
+
 def test_stage1_and_stage2_cli_summaries(pipeline):
     run = pipeline[1]
     s1, s2 = json.load(open(run / "stage1_summary.json")), json.load(open(run / "stage2_summary.json"))
