@@ -1300,8 +1300,10 @@ def evaluate_policy(agent, game, episodes, seed, device, amp=False, sample=True,
 
 def evaluate_agent(agent, game, args, path=None):
     device, t0 = get_device(args), time.time()
-    rets = evaluate_policy(agent, game, args.eval_episodes, args.seed + 20_000, device, use_amp(args, device),
-                           sample=not args.greedy, max_steps=args.eval_max_steps)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # seeded sampling, stream kept
+        torch.manual_seed(args.seed + 20_000)
+        rets = evaluate_policy(agent, game, args.eval_episodes, args.seed + 20_000, device, use_amp(args, device),
+                               sample=not args.greedy, max_steps=args.eval_max_steps)
     mean, norm = float(np.mean(rets)), None
     out = {"eval_mean_return": mean, "eval_std_return": float(np.std(rets)), "eval_episodes": len(rets),
            "eval_normalized_return": normalized_return(game, mean, args.expert_return), "eval_returns": rets,

@@ -508,6 +508,22 @@ def test_stage3_offline_online_and_eval_cli(pipeline):
         assert ev["eval_episodes"] == 2 and len(ev["eval_returns"]) == 2
 
 
+def test_evaluation_samples_its_own_seeded_actions(pipeline, monkeypatch):
+    agent, _ = lapo.load_policy(str(pipeline[0] / "expert/expert.pt"), torch.device("cpu"))
+    args = lapo.parse_args(["eval", "--checkpoint", "-", "--episodes", "2", "--eval-max-steps", "30"])
+    act, taken, runs = lapo.Agent.act, [], []
+    monkeypatch.setattr(lapo.Agent, "act", lambda *a, **k: taken.append(act(*a, **k)) or taken[-1])
+    for seed in (1, 2):  # whatever the RNG state before: the same actions, and that state is left as it was
+        torch.manual_seed(seed)
+        lapo.evaluate_agent(agent, "bigfish", args)
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        assert torch.equal(after, torch.rand(1))
+        runs.append(np.concatenate([a for a, _ in taken]))
+        taken.clear()
+    assert np.array_equal(*runs) and len(np.unique(runs[0])) > 1
+
+
 def test_stage3_offline_never_overwrites_earlier_results(pipeline):
     run, data = pipeline[1], pipeline[0] / "data/bigfish"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
