@@ -748,8 +748,9 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total):
     """Shared plumbing of stages 1 and 2: resume, LR schedule, progress lines, eval, atomic checkpoints."""
     path, cfg, step, metrics = os.path.join(args.out, f"{stage}.pt"), config_of(args), 0, {}
     gen = torch.Generator().manual_seed(args.seed)  # batch sampling stream, saved for exact resume
-    ck = resume_checkpoint(path, stage, args)
+    ck, prior = resume_checkpoint(path, stage, args), 0.0  # prior: seconds trained before this process
     if ck:
+        prior = ck.get("wall_s", 0.0)
         for k, m in modules.items():
             m.load_state_dict(ck[k])
         opt.load_state_dict(ck["opt"])
@@ -785,13 +786,14 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total):
         if step % args.ckpt_every == 0 or step == total:
             save_atomic({"kind": stage, "config": cfg, "step": step, "opt": opt.state_dict(), "gen": gen.get_state(),
                          "torch_rng": torch.get_rng_state(), "metrics": metrics,
-                         **{k: m.state_dict() for k, m in modules.items()}}, path)
+                         "wall_s": prior + time.time() - t_start, **{k: m.state_dict() for k, m in modules.items()}},
+                        path)
     wall, trained = time.time() - t_start, step - first
     if trained == 0:  # resumed a finished run: report its last metrics
         metrics = ck["metrics"] or {}
     return {"stage": stage, "step": step, **metrics,
             "samples_per_s": trained * args.batch_size / max(1e-9, wall - t_eval) if trained else None,
-            "wall_s": wall}
+            "wall_s": prior + wall}  # every process that trained it, up to the checkpoint each resumed from
 
 def stage_setup(args, train_data, device, **modules):
     """Models to the device (channels_last), their AdamW, the train split to a GPU. -> (modules, params, opt, amp)"""
@@ -1097,9 +1099,10 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
     opt = torch.optim.Adam([{"params": p, "lr": 0.0, "name": n} for n, p, _ in groups], eps=1e-8)
     params = [p for _, ps, _ in groups for p in ps]
     envs, norm = Envs(game, E, args.seed), RewardNormalizer(E, args.gamma)
-    path, start, curve = os.path.join(args.out, f"{stage}_state.pt"), 0, []
+    path, start, curve, prior = os.path.join(args.out, f"{stage}_state.pt"), 0, [], 0.0
     ck = resume_checkpoint(path, "ppo", args)
     if ck:
+        prior = ck.get("wall_s", 0.0)  # seconds trained before this process
         agent.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         norm.load_state_dict(ck["norm"])
@@ -1171,7 +1174,7 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         point = {"update": update + 1, "frames": frames, "mean_return": mean_ret, "episodes": len(finished),
                  "normalized_return": normalized_return(game, mean_ret, args.expert_return) if finished else None,
                  "episode_returns": rets, "pg_loss": pg, "v_loss": vl, "entropy": ent, **info,
-                 "fps": (frames - start * E * T) / el}  # env frames/s including updates
+                 "fps": (frames - start * E * T) / el, "wall_s": prior + el}  # env frames/s including updates
         curve.append({k: v for k, v in point.items() if k != "episode_returns"})
         dec = f" | decoder acc {info['decoder_train_acc']:.3f} on {info['decoder_pairs']} pairs" if info else ""
         log_metrics(args.out, stage, point, f"{stage} update {update + 1}/{n_updates} frames {frames} | return "
@@ -1180,7 +1183,7 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
                     f"eta {fmt_time(el / (update + 1 - start) * (n_updates - update - 1))}")
         if (update + 1) % args.ckpt_every_updates == 0 or update + 1 == n_updates:
             save_atomic({"kind": "ppo", "config": config_of(args), "update": update + 1, "model": agent.state_dict(),
-                         "opt": opt.state_dict(), "norm": norm.state_dict(), "curve": curve,
+                         "opt": opt.state_dict(), "norm": norm.state_dict(), "curve": curve, "wall_s": prior + el,
                          "extra": extra_state["save"]() if extra_state else None}, path)
     envs.close()
     return curve
@@ -1202,7 +1205,7 @@ def expert(args):
     agent = ImpalaAgent(args.impala_scale)
     anneal = lambda f: args.lr * max(0.0, 1 - f / args.frames)  # noqa: E731
     curve = ppo(args, agent, [("all", list(agent.parameters()), anneal)], "expert", args.env)
-    head = {"stage": "expert", "game": args.env, "frames": curve[-1]["frames"]}
+    head = {"stage": "expert", "game": args.env, "frames": curve[-1]["frames"], "wall_s": curve[-1]["wall_s"]}
     return agent, save_and_evaluate(args, "expert", agent, args.env, {"scale": args.impala_scale}, "expert", head,
                                     curve=curve)
 
@@ -1270,7 +1273,8 @@ def stage3_online(args):
     extra = {"save": lambda: {"z": store["z"], "a": store["a"]}, "load": lambda e: store.update(e or {})}
     name = "online" if agent.sl else "online_nosl"
     curve = ppo(args, agent, groups, name, game, on_update, extra)
-    head = {"stage": "stage3_online", "game": game, "frames": curve[-1]["frames"], "sl": agent.sl}
+    head = {"stage": "stage3_online", "game": game, "frames": curve[-1]["frames"], "sl": agent.sl,
+            "wall_s": curve[-1]["wall_s"]}
     save_and_evaluate(args, name, agent, game, arch, f"stage3_{name}", head, curve=curve)
     return agent, curve
 

@@ -305,8 +305,12 @@ def test_resume_continues_exactly_and_config_mismatch_is_refused(tmp_path, monke
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b")]), train, test)
     monkeypatch.setattr(lapo, "save_atomic", real_save)
     assert not os.path.exists(tmp_path / "b/stage1.pt.tmp")
+    ck = torch.load(tmp_path / "b/stage1.pt", weights_only=False)
+    assert ck["wall_s"] > 0
+    ck["wall_s"] = 1000.0  # as if the killed process had trained for 1000 s: the summary counts it
+    torch.save(ck, tmp_path / "b/stage1.pt")
     idm_res, fdm_res, s = lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b"), "--resume"]), train, test)
-    assert s["step"] == 8
+    assert s["step"] == 8 and 1000 < s["wall_s"] < 1000 + 600
     for full, res in ((idm_full, idm_res), (fdm_full, fdm_res)):
         for (k, a), b in zip(full.state_dict().items(), res.state_dict().values()):
             assert torch.equal(a, b), k

@@ -183,13 +183,14 @@ def pipeline(args):
             print(f"pipeline: {name} done ({done})", flush=True)
             return
         resume = ["--resume"] if ckpt and os.path.exists(ckpt) else []
+        # seconds already trained: the checkpoint's own clock also counts a process killed before it could report
+        prior = lapo.load_checkpoint(ckpt, ("stage1", "stage2", "ppo")).get("wall_s", 0.0) if resume else 0.0
         argv = [str(a) for a in argv] + flags + ["--seed", str(seed)] + resume
         print(f"\npipeline: {name}: python lapo.py {shlex.join(argv)}", flush=True)
         a, t0 = lapo.parse_args(argv), time.time()
         device = lapo.get_device(a)
         fn(a)
-        wall = steps.get(name, {}).get("wall_s", 0.0) + time.time() - t0  # a resumed step adds to its time
-        steps[name] = {"wall_s": wall, "device": str(device), "amp": lapo.use_amp(a, device)}
+        steps[name] = {"wall_s": prior + time.time() - t0, "device": str(device), "amp": lapo.use_amp(a, device)}
         lapo.write_json(steps_path, steps)
 
     first = plan(args, x, [])
