@@ -66,7 +66,8 @@ PRESETS = {
         stage1_steps=3000, stage2_steps=2000, eval_every=500, ckpt_every=500,
         eval_windows=512, probe_windows=2048, vq_decay=0.99,  # faster EMA: 3k steps, not 50k
         fdm_residual=1, idm_diff=1,  # for the CPU budget: see README 'Deviations'
-        eval_episodes=64, decoder_steps=1000, bc_steps=500, labels=[16, 64, 256, 1024], decoder_std=1, amp="auto",
+        # 512 evaluation episodes: starpilot's per-episode std is 2-3, so 64 left +-0.3 of noise on each mean
+        eval_episodes=512, decoder_steps=1000, bc_steps=500, labels=[16, 64, 256, 1024], decoder_std=1, amp="auto",
         # PPO budgets sized by measurement on 2 CPU cores with bf16 (README)
         **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,  # short runs learn faster with a higher peak LR
            "online.frames": 131_072, "online.num_envs": 32, "online.num_steps": 64, "online.lr": 1e-2,
@@ -188,7 +189,7 @@ def resume_checkpoint(path, kind, args):
     saved, current = ck["config"], config_of(args)
     diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
             if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
-            and (k in current or saved[k])]  # a flag removed since, saved switched off, changed nothing
+            and (saved.get(k) or current.get(k))]  # a flag added or removed since, switched off: no change
     if diff:
         raise LapoError(f"{path} was made with a different configuration ({'; '.join(diff[:4])}); "
                         "rerun with the same flags, or use another --out")
@@ -474,7 +475,8 @@ class VectorQuantizer(nn.Module):
     (of 2, 64 codes each) quantizes vectors [4g, 4g+4). Codes move only by EMA (train mode), never by
     gradients; the encoder gets the straight-through gradient plus a commitment loss."""
 
-    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5):
+    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5,
+                 count_init=0.0):
         super().__init__()
         n_vec = latent_dim // code_dim
         assert latent_dim % code_dim == 0 and n_vec % num_codebooks == 0, "latent must split evenly"
@@ -482,8 +484,10 @@ class VectorQuantizer(nn.Module):
         self.decay, self.eps = decay, eps
         init = (torch.rand(self.G, self.K, self.D) * 2 - 1) * 5 / 64
         self.register_buffer("codebook", init)
-        self.register_buffer("cluster_size", torch.zeros(self.G, self.K))  # EMA of code counts, from 0 as theirs
-        self.register_buffer("embed_sum", init.clone())  # EMA of sums of latents assigned to each code
+        # EMA of code counts: from 0 as theirs (then every code unused in step 1 is divided by a tiny count and
+        # leaves, for ~1/(1-decay) steps); count_init > 0 (a small-scale deviation) keeps the codebook at its init
+        self.register_buffer("cluster_size", torch.full((self.G, self.K), float(count_init)))
+        self.register_buffer("embed_sum", init * (count_init or 1.0))  # EMA of sums of the latents assigned
 
     def forward(self, z):
         """z (B, latent) -> (z_q straight-through, commitment loss, code indices (B, 8), perplexity)."""
@@ -522,11 +526,12 @@ class IDM(nn.Module):
     invertible linear map), but the change, which carries the action, stands out from a bright static background."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999, diff_input=False):
+                 vq_decay=0.999, diff_input=False, vq_count_init=0.0):
         super().__init__()
         self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
-        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay) if vq else None
+        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay,
+                                  count_init=vq_count_init) if vq else None
 
     def forward(self, window):
         x = preprocess(window)
@@ -846,7 +851,7 @@ def probe_accuracy(z, y, seed=0, steps=300):
 def build_idm(cfg):
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"] and not cfg.get("supervised"), cfg["code_dim"],
                cfg["num_codebooks"], cfg["codebook_size"], cfg["vq_decay"],
-               bool(cfg.get("idm_diff", 0)))
+               bool(cfg.get("idm_diff", 0)), cfg.get("vq_count_init", 0.0))
 
 def build_fdm(cfg):
     return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
@@ -1436,6 +1441,8 @@ def build_parser():
     add(sp, "--num-codebooks", POS, 2, "codebooks, each for an equal share of vectors")
     add(sp, "--codebook-size", POS, 64, "codes per codebook")
     add(sp, "--vq-decay", num(float, 0, 0.99999), None, "EMA decay of the codebooks (paper: 0.999)")
+    add(sp, "--vq-count-init", num(float, 0, 1e6), 0.0,
+        "initial EMA code counts (paper: 0, as the authors'; 1: no early codebook collapse, README 'Deviations')")
     add(sp, "--commit-weight", NONNEG_F, 0.05, "commitment loss weight")
     sp.add_argument("--no-vq", dest="vq", action="store_false", help="ablation: no VQ bottleneck")
     add(sp, "--fdm-width", num(int, 2), None, "U-Net base width (paper: 24)")

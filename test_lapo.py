@@ -121,6 +121,24 @@ def test_vq_ema_update_matches_hand_computation():
     assert vq.embed_sum[0, :, 0].tolist() == pytest.approx(s, rel=1e-6)
 
 
+def test_vq_count_init_keeps_unused_codes_near_their_init():
+    """Counts from 0 (paper): a code unused in the first step is divided by a tiny count and flies off. With
+    --vq-count-init 1 the same step only shrinks it by the decay."""
+    z = torch.full((4, 128), 0.01)  # every vector picks the same code per codebook
+    for count_init, far in ((0.0, True), (1.0, False)):
+        torch.manual_seed(1)
+        vq = lapo.VectorQuantizer(decay=0.99, count_init=count_init).train()
+        init = vq.codebook.clone()
+        if count_init:  # sums / counts = the codebook from the start
+            assert torch.allclose(vq.embed_sum / vq.cluster_size.unsqueeze(-1), init)
+        _, _, codes, _ = vq(z)
+        unused = torch.ones(2, 64, dtype=torch.bool)
+        unused[0, codes[:, :4].unique()], unused[1, codes[:, 4:].unique()] = False, False
+        assert unused.sum() == 2 * 63
+        moved = (vq.codebook - init).norm(dim=-1)[unused]
+        assert (moved.min() > 100 * init.norm(dim=-1).max()) if far else (moved.max() < 0.02 * 5 / 64 * 4 + 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- FDM
 def test_paper_preset_has_the_authors_parameter_counts():
     a1 = lapo.parse_args(["stage1", "--data", "unused", "--out", "/tmp/lapo-count"])

@@ -246,7 +246,7 @@ def seed_numbers(d):
     lat, sup_acc = x["probe_latent"], x["probe_supervised"]
     x["probe_ratio"] = lat / sup_acc if lat is not None and sup_acc else None
     for r in lapo.read_json(os.path.join(d, "lapo", "stage3_offline_summary.json"))["results"]:
-        n = r["labels"]
+        n, x["offline_episodes"] = r["labels"], r["eval_episodes"]
         x[f"offline_{r['method']}_{n}"] = r["eval_mean_return"]
         x[f"offline_diff_{n}"] = diff(x.get(f"offline_lapo_{n}"), x.get(f"offline_bc_{n}"))
     for name, f in (("rlsl", "lapo/online.pt"), ("scratch", "ppo_scratch/expert.pt"), ("nosl", "lapo/online_nosl.pt")):
@@ -282,6 +282,8 @@ def report(root, game, args):
     per_seed = {k: seed_numbers(os.path.join(root, f"seed{k}")) for k in seeds}
     labels = sorted({int(key[len("offline_diff_"):]) for x in per_seed.values() for key in x
                      if key.startswith("offline_diff_")})
+    eval_episodes = "/".join(str(e) for e in sorted({x.get("offline_episodes") for x in per_seed.values()} - {None})) \
+        or "n/a"
     rows = [("probe accuracy, latent IDM", "probe_latent", "acc"),  # (row name, key, kind: acc | ret | diff)
             ("probe accuracy, supervised IDM", "probe_supervised", "acc"),
             ("probe accuracy ratio, latent / supervised", "probe_ratio", "acc"),
@@ -324,8 +326,9 @@ def report(root, game, args):
              "data (passed to every step as `--expert-return`), not the paper's expert." + ("" if ok else
              " **This expert is no better than random**: normalized returns are undefined (n/a) and the comparisons "
              "below say nothing about LAPO. Give the expert more frames (`--expert PATH`, or a larger preset)."), "",
-             "Mean ± standard error over seeds (n seeds; SE n/a with one). A difference is paired per seed. Online "
-             "returns are the mean episode return during training, from the policies' learning curves.", "",
+             "Mean ± standard error over seeds (n seeds; SE n/a with one). A difference is paired per seed. Offline "
+             f"returns: each policy's mean over {eval_episodes} evaluation episodes. Online returns are the mean "
+             "episode return during training, from the policies' learning curves.", "",
              "| quantity | mean ± SE | n | normalized | difference > 2 SE |", "|---|---|---|---|---|"]
     for name, key, kind in rows:
         s = agg[key]
