@@ -1,9 +1,12 @@
-"""A uniformly random policy under this project's evaluation protocol (the first full episode of each of 64 envs,
-repeated until N episodes; evaluation seed as `eval --seed S` uses), to set beside the REFERENCE table's random
-returns, which come from the authors' data.
+"""Frame-blind baselines under this project's evaluation protocol (the first full episode of each of 64 envs,
+repeated until N episodes; evaluation seed as `eval --seed S` uses): a uniformly random policy, and, given a data
+folder, the "marginal" policy that samples each action at its frequency in the data's train split, ignoring the
+frame. An offline decoder fed a latent that carries nothing acts like the marginal policy of its labels, so a
+decoded policy must beat this to show that its latents carry information.
 
-    python results/scripts/random_eval.py dodgeball 512 0
+    python results/scripts/random_eval.py dodgeball 512 0 runs/small-dodgeball/data/dodgeball
 """
+import glob
 import os
 import sys
 
@@ -14,29 +17,39 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import lapo  # noqa: E402
 
 
-class RandomAgent:
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
+class FrameBlindAgent:
+    """Samples actions from fixed probabilities, whatever the frame (the interface evaluate_policy uses)."""
 
-    def to(self, device):  # the interface evaluate_policy uses
+    def __init__(self, probs, seed):
+        self.probs, self.rng = probs, np.random.default_rng(seed)
+
+    def to(self, device):
         return self
 
     def eval(self):
         return self
 
     def act(self, obs, sample=True, amp=False):
-        return self.rng.integers(0, lapo.NUM_ACTIONS, len(obs)), np.zeros(len(obs), np.float32)
+        return self.rng.choice(lapo.NUM_ACTIONS, len(obs), p=self.probs), np.zeros(len(obs), np.float32)
 
 
-def main(game, episodes, seed):
+def main(game, episodes, seed, data=None):
     lapo.check_game(game)
-    rets = lapo.evaluate_policy(RandomAgent(seed + 20_000), game, episodes, seed + 20_000, torch.device("cpu"))
-    se = np.std(rets, ddof=1) / np.sqrt(len(rets))
-    print(f"random policy on {game}: return {np.mean(rets):.3f} ± {se:.3f} (SE) over {len(rets)} episodes; "
-          f"REFERENCE table: {lapo.SCORES[game][0]}")
+    policies = {"random": np.full(lapo.NUM_ACTIONS, 1 / lapo.NUM_ACTIONS)}
+    if data:
+        ta = np.concatenate([np.load(f)["ta"] for f in sorted(glob.glob(os.path.join(data, "train", "*.npz")))])
+        policies["marginal"] = np.bincount(ta, minlength=lapo.NUM_ACTIONS) / len(ta)
+        print(f"{data}: train action frequencies " + ", ".join(
+            f"{n} {p:.3f}" for n, p in zip(lapo.ACTION_NAMES, policies["marginal"])))
+    for name, probs in policies.items():
+        rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, episodes, seed + 20_000,
+                                    torch.device("cpu"))
+        se = np.std(rets, ddof=1) / np.sqrt(len(rets))
+        print(f"{name} policy on {game}: return {np.mean(rets):.3f} ± {se:.3f} (SE) over {len(rets)} episodes"
+              + (f"; REFERENCE table's random: {lapo.SCORES[game][0]}" if name == "random" else ""), flush=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: random_eval.py GAME EPISODES SEED")
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if len(sys.argv) not in (4, 5):
+        sys.exit("usage: random_eval.py GAME EPISODES SEED [DATA_FOLDER]")
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
