@@ -806,8 +806,12 @@ def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
                 "| online, first 10% of frames: PPO from scratch |", "| online, last 20% of frames: RL+SL - PPO |",
                 "| online, last 20% of frames: no SL |", "| seed 0 | seed 1 |", "| seed0 stage1 |", "| total |",
                 "Hardware: CPU", "bf16 units:", "bf16 autocast (`--amp`):", "--expert-return",
-                "`stage1=--stage1-steps 20`"):
+                "`stage1=--stage1-steps 20`", "mean over 2 evaluation episodes", "Frame-blind reference:"):
         assert row in md, row
+    # the frame-blind reference samples the data's action frequencies, evaluated like every policy (tiny: 2 episodes)
+    blind = res["frame_blind"]
+    assert blind["episodes"] == 2 and math.isfinite(blind["mean"]) and math.isclose(sum(blind["action_probs"]), 1)
+    assert f"scores {blind['mean']:.2f} ± " in md
     for png in ("offline.png", "online.png", "latents.png", "fdm.png"):
         with open(root / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(root / png) > 5000, png

@@ -10,6 +10,7 @@ scratch at the online budget). Each step calls lapo.py's own stage function, pri
 line, and is skipped when its summary exists: rerun the same command to continue an interrupted pipeline.
 """
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -265,6 +266,42 @@ def stats(values):
             "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None, "n": len(v)}
 
 
+class FrameBlindAgent:
+    """Samples each action at a fixed probability whatever the frame (the interface evaluate_policy uses)."""
+
+    def __init__(self, probs, seed):
+        self.probs, self.rng = probs, np.random.default_rng(seed)
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def act(self, obs, sample=True, amp=False):
+        return self.rng.choice(lapo.NUM_ACTIONS, len(obs), p=self.probs), np.zeros(len(obs), np.float32)
+
+
+def frame_blind(root, data, game, preset, seed):
+    """The reference a decoded policy must beat to show that it reads the frame: the policy that samples the
+    data's action frequencies and ignores the frame (a decoder on uninformative latents acts like it). Evaluated
+    as `eval` does, once; cached in <root>/frame_blind.json. None when the data has no actions."""
+    path = os.path.join(root, "frame_blind.json")
+    if os.path.exists(path):
+        return lapo.read_json(path)
+    try:
+        ta = np.concatenate([np.load(f)["ta"] for f in sorted(glob.glob(os.path.join(data, "train", "*.npz")))])
+    except (KeyError, ValueError):
+        return None
+    probs, cfg = np.bincount(ta, minlength=lapo.NUM_ACTIONS) / len(ta), lapo.PRESETS[preset]
+    rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, cfg["eval_episodes"], seed + 20_000,
+                                torch.device("cpu"), max_steps=cfg.get("eval_max_steps"))
+    out = {"mean": float(np.mean(rets)), "se": float(np.std(rets, ddof=1) / np.sqrt(len(rets))) if len(rets) > 1
+           else None, "episodes": len(rets), "action_probs": probs.tolist()}
+    lapo.write_json(path, out)
+    return out
+
+
 def cpu_model():
     with open("/proc/cpuinfo") as f:
         return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
@@ -280,6 +317,7 @@ def report(root, game, args):
     ok = ex is not None and ex > rnd  # normalizing needs an expert better than random
     exs = "n/a (no episode ended)" if ex is None else f"{ex:.2f}"
     per_seed = {k: seed_numbers(os.path.join(root, f"seed{k}")) for k in seeds}
+    blind = frame_blind(root, data, game, args.preset, seeds[0])
     labels = sorted({int(key[len("offline_diff_"):]) for x in per_seed.values() for key in x
                      if key.startswith("offline_diff_")})
     eval_episodes = "/".join(str(e) for e in sorted({x.get("offline_episodes") for x in per_seed.values()} - {None})) \
@@ -329,6 +367,11 @@ def report(root, game, args):
              "Mean ± standard error over seeds (n seeds; SE n/a with one). A difference is paired per seed. Offline "
              f"returns: each policy's mean over {eval_episodes} evaluation episodes. Online returns are the mean "
              "episode return during training, from the policies' learning curves.", "",
+             "Frame-blind reference: a policy that samples the data's action frequencies and ignores the frame "
+             "scores " + ("n/a (the data has no actions)" if blind is None else
+                          f"{blind['mean']:.2f} ± {blind['se'] or 0:.2f} (SE over {blind['episodes']} episodes)") +
+             ". A decoder fed latents that carry nothing acts like it, so a decoded policy below this line shows no "
+             "use of the frame, whatever its lead over BC.", "",
              "| quantity | mean ± SE | n | normalized | difference > 2 SE |", "|---|---|---|---|---|"]
     for name, key, kind in rows:
         s = agg[key]
@@ -347,6 +390,8 @@ def report(root, game, args):
         if ex is not None:
             ax.axhline(ex, ls="--", c="gray", lw=1, label="expert")
         ax.axhline(rnd, ls=":", c="gray", lw=1, label="random")
+        if blind is not None:
+            ax.axhline(blind["mean"], ls="-.", c="gray", lw=1, label="frame-blind (data's action frequencies)")
 
     def band(ax, x, mean, se, label):
         ax.plot(x, mean, "o-" if len(x) < 20 else "-", label=label)
@@ -383,7 +428,7 @@ def report(root, game, args):
         lines.append(f"![{name}]({name})")
     lapo.write_json(os.path.join(root, "results.json"), {
         "game": game, "preset": args.preset, "flags": configuration(args)["flags"], "seeds": seeds,
-        "expert_return": ex, "random_return": rnd,
+        "expert_return": ex, "random_return": rnd, "frame_blind": blind,
         "normalized": ok, "cpu": cpu_model(), "bf16_units": bf16, "amp": amp, "per_seed": per_seed,
         "aggregate": agg, "steps": steps})
     with open(os.path.join(root, "results.md.tmp"), "w") as f:

@@ -13,24 +13,10 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
-
-
-class FrameBlindAgent:
-    """Samples actions from fixed probabilities, whatever the frame (the interface evaluate_policy uses)."""
-
-    def __init__(self, probs, seed):
-        self.probs, self.rng = probs, np.random.default_rng(seed)
-
-    def to(self, device):
-        return self
-
-    def eval(self):
-        return self
-
-    def act(self, obs, sample=True, amp=False):
-        return self.rng.choice(lapo.NUM_ACTIONS, len(obs), p=self.probs), np.zeros(len(obs), np.float32)
+from pipeline import FrameBlindAgent  # noqa: E402  (the pipeline's own frame-blind reference)
 
 
 def main(game, episodes, seed, data=None):
