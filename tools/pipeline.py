@@ -282,22 +282,34 @@ class FrameBlindAgent:
         return self.rng.choice(lapo.NUM_ACTIONS, len(obs), p=self.probs), np.zeros(len(obs), np.float32)
 
 
-def frame_blind(root, data, game, preset, seed):
-    """The reference a decoded policy must beat to show that it reads the frame: the policy that samples the
-    data's action frequencies and ignores the frame (a decoder on uninformative latents acts like it). Evaluated
-    as `eval` does, once; cached in <root>/frame_blind.json. None when the data has no actions."""
-    path = os.path.join(root, "frame_blind.json")
-    if os.path.exists(path):
-        return lapo.read_json(path)
+def action_frequencies(data):
+    """The frequency of each action in a data folder's train split (None: no chunk, or no actions recorded)."""
     try:
         ta = np.concatenate([np.load(f)["ta"] for f in sorted(glob.glob(os.path.join(data, "train", "*.npz")))])
     except (KeyError, ValueError):
         return None
-    probs, cfg = np.bincount(ta, minlength=lapo.NUM_ACTIONS) / len(ta), lapo.PRESETS[preset]
-    rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, cfg["eval_episodes"], seed + 20_000,
-                                torch.device("cpu"), max_steps=cfg.get("eval_max_steps"))
-    out = {"mean": float(np.mean(rets)), "se": float(np.std(rets, ddof=1) / np.sqrt(len(rets))) if len(rets) > 1
-           else None, "episodes": len(rets), "action_probs": probs.tolist()}
+    return np.bincount(ta, minlength=lapo.NUM_ACTIONS) / len(ta)
+
+
+def evaluate_frame_blind(probs, game, episodes, seed, max_steps=None):
+    """Evaluate a FrameBlindAgent as `eval --seed seed` evaluates a policy -> mean, SE over episodes, episodes."""
+    rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, episodes, seed + 20_000,
+                                torch.device("cpu"), max_steps=max_steps)
+    return {"mean": float(np.mean(rets)), "se": float(np.std(rets, ddof=1) / np.sqrt(len(rets))) if len(rets) > 1
+            else None, "episodes": len(rets)}
+
+
+def frame_blind(root, data, game, episodes, max_steps, seed):
+    """The reference a decoded policy must beat to show that it reads the frame: the policy that samples the
+    data's action frequencies and ignores the frame (a decoder on uninformative latents acts like it). Evaluated
+    once, on as many episodes as the offline policies; cached in <root>/frame_blind.json. None: no actions."""
+    path = os.path.join(root, "frame_blind.json")
+    if os.path.exists(path):
+        return lapo.read_json(path)
+    probs = action_frequencies(data)
+    if probs is None:
+        return None
+    out = {**evaluate_frame_blind(probs, game, episodes, seed, max_steps), "action_probs": probs.tolist()}
     lapo.write_json(path, out)
     return out
 
@@ -317,11 +329,12 @@ def report(root, game, args):
     ok = ex is not None and ex > rnd  # normalizing needs an expert better than random
     exs = "n/a (no episode ended)" if ex is None else f"{ex:.2f}"
     per_seed = {k: seed_numbers(os.path.join(root, f"seed{k}")) for k in seeds}
-    blind = frame_blind(root, data, game, args.preset, seeds[0])
     labels = sorted({int(key[len("offline_diff_"):]) for x in per_seed.values() for key in x
                      if key.startswith("offline_diff_")})
-    eval_episodes = "/".join(str(e) for e in sorted({x.get("offline_episodes") for x in per_seed.values()} - {None})) \
-        or "n/a"
+    episodes = sorted({x.get("offline_episodes") for x in per_seed.values()} - {None})
+    eval_episodes, preset = "/".join(map(str, episodes)) or "n/a", lapo.PRESETS[args.preset]
+    blind = frame_blind(root, data, game, episodes[-1] if episodes else preset["eval_episodes"],
+                        preset.get("eval_max_steps"), seeds[0])
     rows = [("probe accuracy, latent IDM", "probe_latent", "acc"),  # (row name, key, kind: acc | ret | diff)
             ("probe accuracy, supervised IDM", "probe_supervised", "acc"),
             ("probe accuracy ratio, latent / supervised", "probe_ratio", "acc"),

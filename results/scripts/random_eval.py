@@ -6,32 +6,29 @@ decoded policy must beat this to show that its latents carry information.
 
     python results/scripts/random_eval.py dodgeball 512 0 runs/small-dodgeball/data/dodgeball
 """
-import glob
 import os
 import sys
 
 import numpy as np
-import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
-from pipeline import FrameBlindAgent  # noqa: E402  (the pipeline's own frame-blind reference)
+from pipeline import action_frequencies, evaluate_frame_blind  # noqa: E402  (the pipeline's own)
 
 
 def main(game, episodes, seed, data=None):
     lapo.check_game(game)
     policies = {"random": np.full(lapo.NUM_ACTIONS, 1 / lapo.NUM_ACTIONS)}
     if data:
-        ta = np.concatenate([np.load(f)["ta"] for f in sorted(glob.glob(os.path.join(data, "train", "*.npz")))])
-        policies["marginal"] = np.bincount(ta, minlength=lapo.NUM_ACTIONS) / len(ta)
+        policies["marginal"] = action_frequencies(data)
+        if policies["marginal"] is None:
+            sys.exit(f"{data}: no train chunks with actions (ta)")
         print(f"{data}: train action frequencies " + ", ".join(
             f"{n} {p:.3f}" for n, p in zip(lapo.ACTION_NAMES, policies["marginal"])))
     for name, probs in policies.items():
-        rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, episodes, seed + 20_000,
-                                    torch.device("cpu"))
-        se = np.std(rets, ddof=1) / np.sqrt(len(rets))
-        print(f"{name} policy on {game}: return {np.mean(rets):.3f} ± {se:.3f} (SE) over {len(rets)} episodes"
+        r = evaluate_frame_blind(probs, game, episodes, seed)
+        print(f"{name} policy on {game}: return {r['mean']:.3f} ± {r['se']:.3f} (SE) over {r['episodes']} episodes"
               + (f"; REFERENCE table's random: {lapo.SCORES[game][0]}" if name == "random" else ""), flush=True)
 
 
