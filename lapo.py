@@ -630,9 +630,10 @@ class Decoder(nn.Module):
         self.register_buffer("std", torch.ones(latent_dim))
 
     def fit_input(self, z, standardize=True):
-        if standardize:
+        if standardize:  # std floored at 0.1x the latents' RMS: a dimension that never varied in z (a collapsed
+            z = z.float()  # IDM: all of them) must not blow the policy's tiny deviations up until the decoder saturates
             self.mean.copy_(z.mean(0))
-            self.std.copy_(z.std(0) + 1e-6)
+            self.std.copy_(z.std(0).clamp_min(0.1 * z.pow(2).mean().sqrt().item()) + 1e-6)
         return self
 
     def forward(self, z):

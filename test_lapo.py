@@ -423,6 +423,23 @@ def test_decoder_standardizes_its_input():
     assert torch.equal(raw.mean, torch.zeros(128)) and torch.equal(raw.std, torch.ones(128))
 
 
+def test_decoder_fit_on_a_collapsed_latent_does_not_saturate():
+    """A collapsed IDM emits one latent for every window (dodgeball seed 2 at `small`: std 0 in all 128 dims). The
+    decoder fit on it must stay near its fit when the policy's latents deviate by a fraction of the latents' scale,
+    not divide the deviation by ~0 and saturate (that run's online RL+SL fell to entropy 0 and return 0)."""
+    torch.manual_seed(0)
+    z = (torch.randn(128) * 0.03).expand(512, 128).clone()  # one constant latent, scale 0.03
+    y = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), 512, replacement=True)
+    dec = lapo.Decoder().fit_input(z)
+    lapo.train_classifier(dec, z, y, 100, 512, 1e-3, 0)
+    drift = z[:64] + torch.randn(64, 128) * 5e-4  # the size of dodgeball seed 2's policy-latent spread
+    with torch.no_grad():
+        p_fit, p_drift = dec(z[:1]).softmax(-1), dec(drift).softmax(-1)
+    entropy = -(p_drift * p_drift.clamp_min(1e-12).log()).sum(-1)
+    assert entropy.min() > 0.5, entropy.min()  # the fit's marginal has entropy 1.03 nats
+    assert (p_drift - p_fit).abs().max() < 0.3
+
+
 def test_decoder_schedule_and_lr_ramps_match_the_authors():
     # after the u-th finished update (4096 frames each): every update while 10k < frames < 50k, then every 20th
     due = [u for u in range(1, 200) if lapo.decoder_due(u, u * 4096)]

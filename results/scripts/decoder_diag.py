@@ -1,0 +1,64 @@
+"""Where does offline decoding lose the action? For finished pipeline seeds, fit the offline decoder exactly as
+`stage3 --mode offline` does (same labeled frames, steps, batch and standardization) on three inputs, and print
+its accuracy on 2,048 held-out test frames, next to the majority class:
+
+- pi -> pi: fit on the latent policy's pi(o_t), tested on pi(o_t) (what the decoded agent does);
+- IDM -> IDM: fit and tested on the IDM's latents of (o_{t-1}, o_t, o_{t+1}) (what stage 1 knows of the action);
+- IDM -> pi: fit on IDM latents, tested on pi(o_t) (the paper's other offline option).
+
+If IDM -> IDM is well above pi -> pi, stage 2 (latent behaviour cloning) is where the action is lost. No env
+steps, so it takes about a minute per seed on 2 CPU cores.
+
+    python results/scripts/decoder_diag.py runs/small-starpilot-t05 starpilot 0 1 2
+"""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import lapo  # noqa: E402
+from pipeline import stats  # noqa: E402
+
+
+def diagnose(run, data, labels, steps, seed):
+    """-> {(input, n): held-out accuracy} plus the majority rate, for one seed's stage-1/stage-2 checkpoints."""
+    train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
+    idm, _ = lapo.load_stage1(run, "cpu")
+    policy, _ = lapo.load_stage2(run, "cpu")
+    tc = test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))  # stage3's held-out frames
+    ty = test.labels(tc)
+    test_z = {"pi": lapo.policy_latents(policy, test.obs[tc.cpu()], "cpu", False),
+              "idm": lapo.idm_latents(idm, test, tc, "cpu", False)}
+    perm = torch.randperm(len(train.centres), generator=torch.Generator().manual_seed(seed))
+    out = {"majority": (ty == torch.bincount(train.labels(train.centres), minlength=lapo.NUM_ACTIONS).argmax())
+           .float().mean().item()}
+    for n in labels:
+        c = train.centres[perm[:n]]
+        y = train.labels(c)
+        fit = {"pi": lapo.policy_latents(policy, train.obs[c.cpu()], "cpu", False),
+               "idm": lapo.idm_latents(idm, train, c, "cpu", False)}
+        for src, dst in (("pi", "pi"), ("idm", "idm"), ("idm", "pi")):
+            torch.manual_seed(seed + n)
+            dec = lapo.Decoder(fit[src].shape[1]).fit_input(fit[src])
+            lapo.train_classifier(dec, fit[src], y, steps, 512, 1e-3, seed + n)
+            out[f"{src} -> {dst}", n] = lapo.accuracy(dec, test_z[dst], ty, "cpu")
+    return out
+
+
+def main(root, game, seeds, labels=(64, 256, 1024), steps=1000):
+    per_seed = [diagnose(os.path.join(root, f"seed{s}", "lapo"), os.path.join(root, "data", game), labels, steps, s)
+                for s in seeds]
+    fmt = lambda xs: (lambda m: f"{m['mean']:.3f} ± " + ("n/a" if m["se"] is None else f"{m['se']:.3f}"))(stats(xs))
+    print(f"{root}, seeds {', '.join(map(str, seeds))}: decoder accuracy on held-out test frames, mean ± SE\n")
+    print("| decoder fit -> tested on | " + " | ".join(f"{n} labels" for n in labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for key in ("pi -> pi", "idm -> idm", "idm -> pi"):
+        print(f"| {key} | " + " | ".join(fmt([d[key, n] for d in per_seed]) for n in labels) + " |")
+    print(f"\nmajority class: {fmt([d['majority'] for d in per_seed])}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    main(sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]])
