@@ -266,6 +266,13 @@ def stats(values):
             "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None, "n": len(v)}
 
 
+def fmt_stats(values, digits=3):
+    """'mean ± SE' over seeds as text ('n/a' where there is no value, or no SE from a single one)."""
+    s = stats(values)
+    num = lambda v: "n/a" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    return "n/a" if s["mean"] is None else f"{num(s['mean'])} ± {num(s['se'])}"
+
+
 class FrameBlindAgent:
     """Samples each action at a fixed probability whatever the frame (the interface evaluate_policy uses)."""
 

@@ -13,7 +13,7 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import seed_numbers, stats  # noqa: E402  (the pipeline's own per-seed numbers and mean ± SE)
+from pipeline import fmt_stats, seed_numbers, stats  # noqa: E402  (the pipeline's own per-seed numbers and mean ± SE)
 
 
 def probe_curve(path):
@@ -38,8 +38,7 @@ def band(curves):
 
 def fmt(values):
     s = stats(values)
-    return "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± " + ("n/a" if s["se"] is None else f"{s['se']:.3f}") \
-        + f" (n={s['n']})"
+    return "n/a" if s["mean"] is None else f"{fmt_stats(values)} (n={s['n']})"
 
 
 def main(png, roots):

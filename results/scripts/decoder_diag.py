@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
-from pipeline import stats  # noqa: E402
+from pipeline import fmt_stats  # noqa: E402
 
 
 def diagnose(run, data, labels, steps, seed):
@@ -50,13 +50,12 @@ def diagnose(run, data, labels, steps, seed):
 def main(root, game, seeds, labels=(64, 256, 1024), steps=1000):
     per_seed = [diagnose(os.path.join(root, f"seed{s}", "lapo"), os.path.join(root, "data", game), labels, steps, s)
                 for s in seeds]
-    fmt = lambda xs: (lambda m: f"{m['mean']:.3f} ± " + ("n/a" if m["se"] is None else f"{m['se']:.3f}"))(stats(xs))
     print(f"{root}, seeds {', '.join(map(str, seeds))}: decoder accuracy on held-out test frames, mean ± SE\n")
     print("| decoder fit -> tested on | " + " | ".join(f"{n} labels" for n in labels) + " |")
     print("|---|" + "---|" * len(labels))
     for key in ("pi -> pi", "idm -> idm", "idm -> pi"):
-        print(f"| {key} | " + " | ".join(fmt([d[key, n] for d in per_seed]) for n in labels) + " |")
-    print(f"\nmajority class: {fmt([d['majority'] for d in per_seed])}")
+        print(f"| {key} | " + " | ".join(fmt_stats([d[key, n] for d in per_seed]) for n in labels) + " |")
+    print(f"\nmajority class: {fmt_stats([d['majority'] for d in per_seed])}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
-from pipeline import stats  # noqa: E402  (mean ± SE over seeds, as the pipeline's results.md computes it)
-
-
-def mean_se(xs):
-    m = stats(list(xs))
-    return f"{m['mean']:.2f} ± " + ("n/a" if m["se"] is None else f"{m['se']:.2f}")
+from pipeline import fmt_stats  # noqa: E402  (mean ± SE over seeds, as the pipeline's results.md writes it)
 
 
 def main(root, episodes, seeds):
@@ -43,7 +38,7 @@ def main(root, episodes, seeds):
     for n, r in rows.items():
         r = np.asarray(r)
         cells = [r[:, 0], r[:, 1], r[:, 0] - r[:, 1], r[:, 2], r[:, 3], r[:, 2] - r[:, 3]]
-        print(f"| {n} | " + " | ".join(mean_se(c) for c in cells) + " |")
+        print(f"| {n} | " + " | ".join(fmt_stats(c, 2) for c in cells) + " |")
     print("\nper seed, LAPO − BC at", episodes, "episodes:",
           json.dumps({n: [round(a - b, 3) for _, _, a, b in r] for n, r in rows.items()}))
 
