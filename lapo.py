@@ -630,8 +630,10 @@ class Decoder(nn.Module):
         self.register_buffer("std", torch.ones(latent_dim))
 
     def fit_input(self, z, standardize=True):
-        if standardize:  # std floored at 0.1x the latents' RMS: a dimension that never varied in z (a collapsed
-            z = z.float()  # IDM: all of them) must not blow the policy's tiny deviations up until the decoder saturates
+        # The std is floored at 0.1x the latents' RMS: a dimension that never varied in z (in a collapsed IDM, all
+        # of them) must not blow the policy's tiny deviations up until the decoder saturates.
+        if standardize:
+            z = z.float()
             self.mean.copy_(z.mean(0))
             self.std.copy_(z.std(0).clamp_min(0.1 * z.pow(2).mean().sqrt().item()) + 1e-6)
         return self
@@ -990,6 +992,10 @@ def train_classifier(model, inputs, labels, steps, batch, lr, seed, smoothing=0.
         optimize(opt, F.cross_entropy(logits.float(), labels[idx].to(device), label_smoothing=smoothing))
     return model.eval()
 
+def fit_decoder(decoder, z, labels, steps, seed, standardize):
+    """The decoder's supervised fit, offline and online alike (the authors': Adam 1e-3, batch 512, smoothing 0.05)."""
+    return train_classifier(decoder.fit_input(z, standardize), z, labels, steps, 512, 1e-3, seed)
+
 def accuracy(model, inputs, labels, device, batch=512):
     pred = in_batches(lambda x: logits_of(model(x.to(device))).argmax(-1), inputs, device, False, batch)
     return (pred == labels).sum().item() / len(labels)
@@ -1045,8 +1051,7 @@ def stage3_offline(args):
         torch.manual_seed(args.seed + n)  # the decoder's initial weights: same seed, same result
         agent = DecodedAgent(**arch)
         agent.policy.load_state_dict(policy.state_dict())
-        train_classifier(agent.decoder.fit_input(z, args.decoder_std), z, y, args.decoder_steps, 512, 1e-3,
-                         args.seed + n)
+        fit_decoder(agent.decoder, z, y, args.decoder_steps, args.seed + n, args.decoder_std)
         agent = agent.to(device).eval()
         row = {"method": "lapo", "labels": n, "test_acc": accuracy(agent.decoder, test_pi, test_y, device)}
         results.append({**row, **save_and_evaluate(args, f"decoded_{n}", agent, game, arch, labels=n)})
@@ -1272,7 +1277,7 @@ def stage3_online(args):
             torch.manual_seed(seed)
             dec = Decoder(arch["latent_dim"])
         epochs3 = 3 * math.ceil(len(a) / 512)  # 3 epochs of batch 512, as the authors
-        train_classifier(dec.fit_input(z, args.decoder_std), z, a, epochs3, 512, 1e-3, seed)
+        fit_decoder(dec, z, a, epochs3, seed, args.decoder_std)
         agent.decoder.load_state_dict(dec.state_dict())
         return {"decoder_pairs": len(a), "decoder_train_acc": accuracy(dec, z[-4096:], a[-4096:], "cpu")}
 

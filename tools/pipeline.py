@@ -302,8 +302,8 @@ def evaluate_frame_blind(probs, game, episodes, seed, max_steps=None):
     """Evaluate a FrameBlindAgent as `eval --seed seed` evaluates a policy -> mean, SE over episodes, episodes."""
     rets = lapo.evaluate_policy(FrameBlindAgent(probs, seed + 20_000), game, episodes, seed + 20_000,
                                 torch.device("cpu"), max_steps=max_steps)
-    return {"mean": float(np.mean(rets)), "se": float(np.std(rets, ddof=1) / np.sqrt(len(rets))) if len(rets) > 1
-            else None, "episodes": len(rets)}
+    s = stats(rets)
+    return {"mean": s["mean"], "se": s["se"], "episodes": s["n"]}
 
 
 def frame_blind(root, data, game, episodes, max_steps, seed):

@@ -1,6 +1,6 @@
 """Where does offline decoding lose the action? For finished pipeline seeds, fit the offline decoder exactly as
-`stage3 --mode offline` does (same labeled frames, steps, batch and standardization) on three inputs, and print
-its accuracy on 2,048 held-out test frames, next to the majority class:
+`stage3 --mode offline` does (lapo.fit_decoder, same labeled frames, initial weights and seeds; fp32 latents, where
+`small` uses bf16) on three inputs, and print its accuracy on 2,048 held-out test frames, next to the majority class:
 
 - pi -> pi: fit on the latent policy's pi(o_t), tested on pi(o_t) (what the decoded agent does);
 - IDM -> IDM: fit and tested on the IDM's latents of (o_{t-1}, o_t, o_{t+1}) (what stage 1 knows of the action);
@@ -26,7 +26,7 @@ def diagnose(run, data, labels, steps, seed):
     """-> {(input, n): held-out accuracy} plus the majority rate, for one seed's stage-1/stage-2 checkpoints."""
     train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
     idm, _ = lapo.load_stage1(run, "cpu")
-    policy, _ = lapo.load_stage2(run, "cpu")
+    policy, ck2 = lapo.load_stage2(run, "cpu")
     tc = test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))  # stage3's held-out frames
     ty = test.labels(tc)
     test_z = {"pi": lapo.policy_latents(policy, test.obs[tc.cpu()], "cpu", False),
@@ -40,9 +40,9 @@ def diagnose(run, data, labels, steps, seed):
         fit = {"pi": lapo.policy_latents(policy, train.obs[c.cpu()], "cpu", False),
                "idm": lapo.idm_latents(idm, train, c, "cpu", False)}
         for src, dst in (("pi", "pi"), ("idm", "idm"), ("idm", "pi")):
-            torch.manual_seed(seed + n)
-            dec = lapo.Decoder(fit[src].shape[1]).fit_input(fit[src])
-            lapo.train_classifier(dec, fit[src], y, steps, 512, 1e-3, seed + n)
+            torch.manual_seed(seed + n)  # the decoder's initial weights, drawn as stage 3 draws them
+            dec = lapo.DecodedAgent(ck2["config"]["impala_scale"], fit[src].shape[1]).decoder
+            lapo.fit_decoder(dec, fit[src], y, steps, seed + n, True)
             out[f"{src} -> {dst}", n] = lapo.accuracy(dec, test_z[dst], ty, "cpu")
     return out
 
