@@ -10,7 +10,7 @@ If IDM -> IDM is well above pi -> pi, stage 2 (latent behaviour cloning) is wher
 table says why, on the same held-out frames: the action's share of each latent's variance (eta^2: the variance
 of the per-action means over the total variance, i.e. the R^2 of a linear fit on the one-hot action) for the IDM
 latents z, for pi(o_t), and for what pi leaves unexplained (z - pi(o_t)), next to the share of z's variance pi
-explains. No env steps, so it takes about a minute per seed on 2 CPU cores (more at large label counts).
+explains; a third the same for z's first principal component alone. No env steps, so it takes about a minute per seed on 2 CPU cores (more at large label counts).
 
     python results/scripts/decoder_diag.py runs/small-starpilot-t05 starpilot 0 1 2
     LABELS=64301 python results/scripts/decoder_diag.py ...   # other label counts (64301: every train frame)
@@ -47,6 +47,10 @@ def diagnose(run, data, labels, steps, seed):
     z, pi = test_z["idm"], test_z["pi"]
     shares = {"eta2 z": action_share(z, ty), "eta2 pi": action_share(pi, ty), "eta2 z - pi": action_share(z - pi, ty),
               "pi explains": 1 - (z - pi).pow(2).sum().item() / (z - z.mean(0)).pow(2).sum().item()}
+    _, sv, v = torch.linalg.svd(z - z.mean(0), full_matrices=False)  # z's first principal component:
+    pc, pc_pi = (z - z.mean(0)) @ v[0], (pi - z.mean(0)) @ v[0]
+    shares.update({"pc1 share": (sv[0] ** 2 / sv.pow(2).sum()).item(), "eta2 pc1": action_share(pc[:, None], ty),
+                   "pi R2 pc1": 1 - (pc - pc_pi).pow(2).sum().item() / (pc - pc.mean()).pow(2).sum().item()})
     perm = torch.randperm(len(train.centres), generator=torch.Generator().manual_seed(seed))
     out = {"majority": (ty == torch.bincount(train.labels(train.centres), minlength=lapo.NUM_ACTIONS).argmax())
            .float().mean().item()}
@@ -77,6 +81,10 @@ def main(root, game, seeds, labels=(64, 256, 1024), steps=1000):
           "| share of z's variance pi explains |\n|---|---|---|---|---|")
     print("| mean ± SE | " + " | ".join(fmt_stats([sh[k] for _, sh in both])
                                      for k in ("eta2 z", "eta2 pi", "eta2 z - pi", "pi explains")) + " |")
+    print("\n| z's first principal component | share of z's variance | action's share of its variance | "
+          "share of it pi explains (R^2) |\n|---|---|---|---|")
+    print("| mean ± SE | " + " | ".join(fmt_stats([sh[k] for _, sh in both])
+                                     for k in ("pc1 share", "eta2 pc1", "pi R2 pc1")) + " |")
 
 
 if __name__ == "__main__":
