@@ -47,5 +47,7 @@ def main(data, steps, episodes, seeds):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 5:
+        sys.exit(__doc__)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [int(s) for s in sys.argv[4:]])

@@ -88,6 +88,8 @@ def main(root, game, seeds, labels=(64, 256, 1024), steps=1000):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     labels = tuple(int(n) for n in os.environ.get("LABELS", "64,256,1024").split(","))
     main(sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]], labels)
