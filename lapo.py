@@ -1015,6 +1015,10 @@ def save_and_evaluate(args, name, agent, game, arch, summary_name=None, head=Non
     write_summary(args.out, summary_name, summary)
     return summary
 
+def heldout_centres(test):
+    """Stage 3's fixed held-out windows (2,048 test-split frames) for accuracy; results/scripts measures on them too."""
+    return test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))
+
 def stage3_offline(args):
     """Train only the decoder on N labeled frames per --labels value; evaluate in the env. -> summary."""
     methods = ("decoded", "bc")[:1 + (args.baseline == "bc")]
@@ -1034,8 +1038,7 @@ def stage3_offline(args):
     if max(args.labels) > len(train_data.centres):
         raise LapoError(f"--labels {max(args.labels)} asks for more labeled frames than the "
                         f"{len(train_data.centres)} in {train_data.name}")
-    # fixed held-out labeled frames from the test split: decoder accuracy on what the agent would see
-    test_c = test_data.sample(min(2048, len(test_data.centres)), torch.Generator().manual_seed(1))
+    test_c = heldout_centres(test_data)
     test_frames, test_y = test_data.obs[test_c.cpu()], test_data.labels(test_c)
     test_pi = policy_latents(policy, test_frames, device, amp)
     perm = torch.randperm(len(train_data.centres), generator=torch.Generator().manual_seed(args.seed))

@@ -24,7 +24,7 @@ from pipeline import fmt_stats  # noqa: E402
 
 def bc_all(data, steps, episodes, seed, scale=1.0):
     train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
-    tc = test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))  # stage3's held-out frames
+    tc = lapo.heldout_centres(test)
     c = train.centres
     torch.manual_seed(seed)
     bc = lapo.ImpalaAgent(scale)

@@ -10,7 +10,8 @@ If IDM -> IDM is well above pi -> pi, stage 2 (latent behaviour cloning) is wher
 table says why, on the same held-out frames: the action's share of each latent's variance (eta^2: the variance
 of the per-action means over the total variance, i.e. the R^2 of a linear fit on the one-hot action) for the IDM
 latents z, for pi(o_t), and for what pi leaves unexplained (z - pi(o_t)), next to the share of z's variance pi
-explains; a third the same for z's first principal component alone. No env steps, so it takes about a minute per seed on 2 CPU cores (more at large label counts).
+explains; a third the same for z's first principal component alone. No env steps, so it takes about a minute
+per seed on 2 CPU cores (more at large label counts).
 
     python results/scripts/decoder_diag.py runs/small-starpilot-t05 starpilot 0 1 2
     LABELS=64301 python results/scripts/decoder_diag.py ...   # other label counts (64301: every train frame)
@@ -35,22 +36,26 @@ def action_share(z, y):
     return ((means - mu).pow(2).sum(1) * count[count > 0]).sum().item() / (z - mu).pow(2).sum().item()
 
 
+def explained(target, pred):
+    """R^2: the share of the target's variance (summed over dimensions) that the prediction explains."""
+    return 1 - (target - pred).pow(2).sum().item() / (target - target.mean(0)).pow(2).sum().item()
+
+
 def diagnose(run, data, labels, steps, seed):
     """-> {(input, n): held-out accuracy} plus the majority rate, for one seed's stage-1/stage-2 checkpoints."""
     train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
     idm, _ = lapo.load_stage1(run, "cpu")
     policy, ck2 = lapo.load_stage2(run, "cpu")
-    tc = test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))  # stage3's held-out frames
+    tc = lapo.heldout_centres(test)
     ty = test.labels(tc)
     test_z = {"pi": lapo.policy_latents(policy, test.obs[tc.cpu()], "cpu", False),
               "idm": lapo.idm_latents(idm, test, tc, "cpu", False)}
     z, pi = test_z["idm"], test_z["pi"]
+    _, sv, v = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+    pc, pc_pi = (z - z.mean(0)) @ v[0], (pi - z.mean(0)) @ v[0]  # z's first principal component, and pi's along it
     shares = {"eta2 z": action_share(z, ty), "eta2 pi": action_share(pi, ty), "eta2 z - pi": action_share(z - pi, ty),
-              "pi explains": 1 - (z - pi).pow(2).sum().item() / (z - z.mean(0)).pow(2).sum().item()}
-    _, sv, v = torch.linalg.svd(z - z.mean(0), full_matrices=False)  # z's first principal component:
-    pc, pc_pi = (z - z.mean(0)) @ v[0], (pi - z.mean(0)) @ v[0]
-    shares.update({"pc1 share": (sv[0] ** 2 / sv.pow(2).sum()).item(), "eta2 pc1": action_share(pc[:, None], ty),
-                   "pi R2 pc1": 1 - (pc - pc_pi).pow(2).sum().item() / (pc - pc.mean()).pow(2).sum().item()})
+              "pi explains": explained(z, pi), "pc1 share": (sv[0] ** 2 / sv.pow(2).sum()).item(),
+              "eta2 pc1": action_share(pc[:, None], ty), "pi R2 pc1": explained(pc, pc_pi)}
     perm = torch.randperm(len(train.centres), generator=torch.Generator().manual_seed(seed))
     out = {"majority": (ty == torch.bincount(train.labels(train.centres), minlength=lapo.NUM_ACTIONS).argmax())
            .float().mean().item()}
