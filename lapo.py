@@ -1104,6 +1104,19 @@ def gae(rewards, values, dones, next_value, gamma, lam):
         adv[t] = last
     return adv, adv + values
 
+def ppo_loss(logits, value, act, old_logp, adv, ret, old_value, clip, ent_coef, vf_coef):
+    """PPO's loss on one minibatch: clipped surrogate on normalized advantages, clipped value loss, entropy bonus.
+    -> (loss, policy loss, value loss, entropy)"""
+    dist = torch.distributions.Categorical(logits=logits.float())
+    ratio = torch.exp(dist.log_prob(act) - old_logp)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+    value = value.float()
+    v_clip = old_value + (value - old_value).clamp(-clip, clip)
+    v_loss = 0.5 * torch.max((value - ret) ** 2, (v_clip - ret) ** 2).mean()
+    entropy = dist.entropy().mean()
+    return pg_loss - ent_coef * entropy + vf_coef * v_loss, pg_loss, v_loss, entropy
+
 def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
     """Train `agent` with PPO. groups: list of (name, params, lr_fn(frames)); on_update(ctx) runs after each
     update (online decoding retrains its decoder there). Returns the learning curve (list of dicts)."""
@@ -1165,16 +1178,9 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
                 idx = perm[i:i + mb]
                 with autocast(device, amp):
                     logits, value = agent.heads(b_enc[idx])
-                dist = torch.distributions.Categorical(logits=logits.float())
-                ratio = torch.exp(dist.log_prob(b_act[idx]) - b_logp[idx])
-                a_mb = b_adv[idx]
-                a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
-                pg_loss = torch.max(-a_mb * ratio, -a_mb * ratio.clamp(1 - clip, 1 + clip)).mean()
-                value = value.float()
-                v_clip = b_val[idx] + (value - b_val[idx]).clamp(-clip, clip)
-                v_loss = 0.5 * torch.max((value - b_ret[idx]) ** 2, (v_clip - b_ret[idx]) ** 2).mean()
-                entropy = dist.entropy().mean()
-                optimize(opt, pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, params, args.max_grad_norm)
+                loss, pg_loss, v_loss, entropy = ppo_loss(logits, value, b_act[idx], b_logp[idx], b_adv[idx],
+                                                          b_ret[idx], b_val[idx], clip, args.ent_coef, args.vf_coef)
+                optimize(opt, loss, params, args.max_grad_norm)
                 stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach()]))
         frames, info = (update + 1) * E * T, {}
         if on_update is not None:
@@ -1360,7 +1366,7 @@ def num(kind, lo=None, hi=None, lo_open=False):
         if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"must be {what} {rng}, got {text}")
         return v
-    parse.range = rng
+    parse.range, parse.bounds = rng, (kind, lo, hi, lo_open)  # bounds: for tests that try every flag's edges
     return parse
 
 def int_list(text):
