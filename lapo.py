@@ -302,7 +302,7 @@ def collect(args):
                 if agent is None:
                     act, val = rng.integers(0, NUM_ACTIONS, args.num_envs), np.zeros(args.num_envs, np.float32)
                 else:
-                    act, val = agent.act(torch.from_numpy(obs).to(device), amp=amp, temperature=args.temperature)
+                    act, val = agent.act(torch.from_numpy(obs).to(device), amp=amp)
                 nxt, rew, done, finished = envs.step(act)
                 epr = np.full(args.num_envs, np.nan, np.float32)
                 for e, ret in finished:
@@ -327,8 +327,7 @@ def collect(args):
         summaries[split] = {"frames": done_frames, "chunks": i, "episodes": len(ep_returns),
                             "mean_return": float(np.mean(ep_returns)) if ep_returns else None,
                             "frames_per_s": done_frames / (time.time() - t0)}
-    write_summary(root, "collect", {"game": args.env, "policy": args.policy, "temperature": args.temperature,
-                                    **summaries})
+    write_summary(root, "collect", {"game": args.env, "policy": args.policy, **summaries})
     return root
 
 def _npz_member(z, key):
@@ -657,11 +656,11 @@ class Agent(nn.Module):
         return self.heads(self.encode(obs))
 
     @torch.no_grad()
-    def act(self, obs, sample=True, amp=False, temperature=1.0):
+    def act(self, obs, sample=True, amp=False):
         self.eval()
         with autocast(obs.device, amp):
             logits, value = self(obs)
-        logits = logits.float() / temperature
+        logits = logits.float()
         a = torch.distributions.Categorical(logits=logits).sample() if sample else logits.argmax(-1)
         v = torch.zeros(len(obs)) if value is None else value.float()
         return a.cpu().numpy(), v.cpu().numpy()
@@ -1032,7 +1031,7 @@ def stage3_offline(args):
     for d in (train_data, test_data):
         if d.ta is None:
             raise LapoError(f"{d.name} has no action labels 'ta'; offline decoding needs a labeled set")
-    idm, ck1 = load_stage1(args.out, device, train_data.game)
+    _, ck1 = load_stage1(args.out, device, train_data.game)  # (checks that stage 1 learnt from this game)
     policy, ck2 = load_stage2(args.out, device)
     game = ck1["config"].get("game") or args.env
     if max(args.labels) > len(train_data.centres):
@@ -1049,8 +1048,7 @@ def stage3_offline(args):
         y = train_data.labels(c)
         # ALGO LOGIC: the decoder maps latent actions to real ones. Fit it on pi(o_t), what it decodes when acting;
         # the IDM's latents are cleaner, but pi(o_t) is their mean given o_t alone: a shifted input.
-        z = idm_latents(idm, train_data, c, device, amp) if args.decoder_input == "idm" else \
-            policy_latents(policy, train_data.obs[c.cpu()], device, amp)
+        z = policy_latents(policy, train_data.obs[c.cpu()], device, amp)
         torch.manual_seed(args.seed + n)  # the decoder's initial weights: same seed, same result
         agent = DecodedAgent(**arch)
         agent.policy.load_state_dict(policy.state_dict())
@@ -1065,7 +1063,7 @@ def stage3_offline(args):
             row = {"method": "bc", "labels": n, "test_acc": accuracy(bc, test_frames, test_y, device)}
             results.append({**row, **save_and_evaluate(args, f"bc_{n}", bc, game, {"scale": arch["scale"]},
                                                        labels=n)})
-    summary = {"stage": "stage3_offline", "game": game, "decoder_input": args.decoder_input, "results": results}
+    summary = {"stage": "stage3_offline", "game": game, "results": results}
     write_summary(args.out, "stage3_offline", summary)
     return summary
 
@@ -1440,7 +1438,6 @@ def build_parser():
     common(sp, "data", resume=False)
     add(sp, "--env", None, None, f"Procgen game: {', '.join(GAMES)}", required=True)
     add(sp, "--policy", None, "random", "'random' or a policy checkpoint saved by this script")
-    add(sp, "--temperature", num(float, 0, 100, lo_open=True), 1.0, "softmax temperature of the policy's actions")
     add(sp, "--frames", POS, None, "train frames (paper preset: 2,621,440 = 80 chunks)")
     add(sp, "--test-frames", POS, None, "test-split frames")
     add(sp, "--num-envs", POS, None, "parallel envs (paper: 64); a chunk holds one segment per env")
@@ -1483,8 +1480,6 @@ def build_parser():
     add(sp, "--data", None, None, "offline: the game folder with action-labeled train/test chunks")
     add(sp, "--max-chunks", POS, None, "load at most this many train chunks")
     add(sp, "--labels", int_list, None, "offline: labeled frames, comma-separated to sweep")
-    add(sp, "--decoder-input", None, "policy", "offline: fit the decoder on pi(o_t) (default) or on the IDM latents",
-        choices=("policy", "idm"))
     add(sp, "--decoder-std", int, None, "1: standardize the decoder's input with its fit latents (paper: 0)", **BIT)
     add(sp, "--decoder-steps", POS, None, "offline decoder training steps")
     add(sp, "--baseline", None, "none", "bc: also BC from scratch on the labels", choices=("none", "bc"))

@@ -1271,7 +1271,7 @@ def pipeline(tmp_path_factory):
     run, data, out = root / "lapo", root / "data/bigfish", {}
     for name, argv in [("expert", ("expert", "--env", "bigfish", "--out", root / "expert")),
                        ("collect", ("collect", "--env", "bigfish", "--policy", root / "expert/expert.pt",
-                                    "--out", root / "data", "--temperature", "0.5")),
+                                    "--out", root / "data")),
                        ("stage1", ("stage1", "--data", data, "--out", run)),
                        ("stage2", ("stage2", "--data", data, "--out", run)),
                        ("offline", ("stage3", "--mode", "offline", "--baseline", "bc", "--data", data, "--out", run)),
@@ -1296,13 +1296,13 @@ def test_collect_writes_the_authors_layout(pipeline):
         assert np.median(diffs) < 10
     assert os.path.exists(root / "data/bigfish/test/0.npz")
     summary = json.load(open(root / "data/bigfish/collect_summary.json"))
-    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024 and summary["temperature"] == 0.5
+    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024 and summary["policy"].endswith(".pt")
 
 
 def test_collect_with_a_policy_is_reproducible(pipeline, tmp_path):
     root = pipeline[0]
     lapo.collect(lapo.parse_args(["collect", "--env", "bigfish", "--preset", "tiny", "--policy",
-                                  str(root / "expert/expert.pt"), "--out", str(tmp_path), "--temperature", "0.5"]))
+                                  str(root / "expert/expert.pt"), "--out", str(tmp_path)]))
     for split in ("train", "test"):
         with np.load(root / f"data/bigfish/{split}/0.npz") as a, np.load(tmp_path / f"bigfish/{split}/0.npz") as b:
             assert np.array_equal(a["ta"], b["ta"]) and np.array_equal(a["obs"], b["obs"]), split
