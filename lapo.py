@@ -851,32 +851,35 @@ def probe_accuracy(z, y, seed=0, steps=300):
     return acc, majority
 
 def build_idm(cfg):
-    return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"] and not cfg.get("supervised"), cfg["code_dim"],
+    return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"],
                cfg["num_codebooks"], cfg["codebook_size"], cfg["vq_decay"],
                bool(cfg.get("idm_diff", 0)), cfg.get("vq_count_init", 0.0))
 
 def build_fdm(cfg):
     return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
 
+def stage1_test_windows(args, test_data):
+    """Stage 1's fixed held-out windows: the test loss's, then the probe's (None where the test split has no labels)."""
+    g = torch.Generator().manual_seed(12345)
+    eval_c = test_data.sample(args.eval_windows, g)
+    return eval_c, test_data.sample(args.probe_windows, g) if test_data.ta is not None else None
+
+def stage1_lr_fn(steps):
+    """Stage 1's LR multiplier (the authors'): warm-up 0.1x -> 1x over 50 steps, then linear to 0.01x at the end."""
+    return make_lr_fn(steps, 50, 0.1, 0.01)
+
 def build_stage1(args, train_data, test_data, device):
     """Stage 1's models, optimizer, LR schedule, train step and evaluation: what train_loop runs (and the bench
-    times). --supervised 1 swaps the FDM for a linear action head on the same IDM, trained on the true actions:
-    a diagnostic whose probe accuracy is the ceiling for the latent IDM's. -> (modules, opt, lr_fn, step, eval)"""
+    times). -> (modules, opt, lr_fn, train_step, evaluate)"""
     args.game = train_data.game
     seed_everything(args.seed)
-    if args.supervised and train_data.ta is None:
-        raise LapoError(f"--supervised 1 trains on the true actions, but {train_data.name} has no 'ta'")
-    idm = build_idm(vars(args))
-    head = nn.Linear(args.latent_dim, NUM_ACTIONS) if args.supervised else build_fdm(vars(args))
-    modules, params, opt, amp = stage_setup(args, train_data, device, idm=idm, fdm=head)
+    modules, params, opt, amp = stage_setup(args, train_data, device, idm=build_idm(vars(args)),
+                                            fdm=build_fdm(vars(args)))
     idm, fdm = modules["idm"], modules["fdm"]
     n_params = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"  # noqa: E731
     print(f"stage1: {len(train_data)} train frames ({len(train_data.centres)} windows), {len(test_data)} test frames "
-          f"| IDM {n_params(idm)} {'action head' if args.supervised else 'FDM'} {n_params(fdm)} params "
-          f"| device {device} amp {amp}", flush=True)
-    g = torch.Generator().manual_seed(12345)  # fixed evaluation windows
-    eval_c = test_data.sample(args.eval_windows, g)
-    probe_c = test_data.sample(args.probe_windows, g) if test_data.ta is not None else None
+          f"| IDM {n_params(idm)} FDM {n_params(fdm)} params | device {device} amp {amp}", flush=True)
+    eval_c, probe_c = stage1_test_windows(args, test_data)
 
     def train_step(gen):
         # ALGO LOGIC: the FDM predicts o_{t+1} from the past frames and z_q, the only path for information about the
@@ -885,35 +888,28 @@ def build_stage1(args, train_data, test_data, device):
         w = train_data.windows(c, device)
         with autocast(device, amp):
             out = idm(w)
-            pred = fdm(out["z"]) if args.supervised else fdm(w[:, :2], out["zq"])
-        if args.supervised:
-            fdm_loss = F.cross_entropy(pred.float(), train_data.labels(c).to(device))
-        else:
-            fdm_loss = F.mse_loss(pred.float(), preprocess(w[:, 2]))
+            pred = fdm(w[:, :2], out["zq"])
+        fdm_loss = F.mse_loss(pred.float(), preprocess(w[:, 2]))
         gn = optimize(opt, fdm_loss + args.commit_weight * out["commit"], params, args.max_grad_norm or math.inf)
-        return {"action_loss" if args.supervised else "fdm_loss": fdm_loss.detach(), "commit": out["commit"].detach(),
+        return {"fdm_loss": fdm_loss.detach(), "commit": out["commit"].detach(),
                 "perplexity": out["perplexity"].detach(), "grad_norm": gn}
 
     @torch.no_grad()
     def evaluate():
         idm.eval(), fdm.eval()
-        m = {}
-        if not args.supervised:
-            loss = 0.0
-            for i in range(0, len(eval_c), 256):
-                w = test_data.windows(eval_c[i:i + 256], device)
-                with autocast(device, amp):
-                    pred = fdm(w[:, :2], idm(w)["zq"])
-                loss += F.mse_loss(pred.float(), preprocess(w[:, 2]), reduction="sum").item() / pred[0].numel()
-            m["test_fdm_loss"] = loss / len(eval_c)
+        loss = 0.0
+        for i in range(0, len(eval_c), 256):
+            w = test_data.windows(eval_c[i:i + 256], device)
+            with autocast(device, amp):
+                pred = fdm(w[:, :2], idm(w)["zq"])
+            loss += F.mse_loss(pred.float(), preprocess(w[:, 2]), reduction="sum").item() / pred[0].numel()
+        m = {"test_fdm_loss": loss / len(eval_c)}
         if probe_c is not None:
-            z, y = idm_latents(idm, test_data, probe_c, device, amp), test_data.labels(probe_c)
-            m["probe_acc"], m["probe_majority"] = probe_accuracy(z, y, args.seed)
-            if args.supervised:  # the action head itself, on the same held-out windows
-                m["test_acc"] = (fdm(z.to(device)).argmax(-1).cpu() == y).float().mean().item()
+            z = idm_latents(idm, test_data, probe_c, device, amp)
+            m["probe_acc"], m["probe_majority"] = probe_accuracy(z, test_data.labels(probe_c), args.seed)
         return m
 
-    return modules, opt, make_lr_fn(args.stage1_steps, 50, 0.1, 0.01), train_step, evaluate
+    return modules, opt, stage1_lr_fn(args.stage1_steps), train_step, evaluate
 
 def stage1(args, train=None, test=None):
     """Train the latent IDM and the FDM jointly on action-free video. -> (idm, fdm, summary)."""
@@ -924,7 +920,7 @@ def load_stage1(out, device, data_game=None):
     path, ck = load_stage(out, "stage1")
     if data_game and ck["config"].get("game") and ck["config"]["game"] != data_game:
         raise LapoError(f"{path} was trained on {ck['config']['game']}, but the data is {data_game}")
-    if ck["config"].get("supervised"):
+    if ck["config"].get("supervised"):  # tools/diagnose.py supervised-idm
         raise LapoError(f"{path} is the supervised-IDM diagnostic (trained on true actions), not a latent IDM")
     idm = build_idm(ck["config"])
     idm.load_state_dict(ck["idm"])
@@ -1460,8 +1456,6 @@ def build_parser():
     add(sp, "--fdm-width", num(int, 2), None, "U-Net base width (paper: 24)")
     add(sp, "--idm-diff", int, None, "1: the IDM sees (o_t, frame differences), not the 3 frames (paper: 0)", **BIT)
     add(sp, "--fdm-residual", int, None, "1: the FDM predicts o_t + change (paper: 0, predicts o_{t+1})", **BIT)
-    add(sp, "--supervised", int, 0, **BIT,
-        help="1: diagnostic: the same IDM trained on the true actions (no FDM, no VQ): the probe ceiling")
     add(sp, "--probe-windows", num(int, 4), None, "labeled test windows for the probe (half train, half test)")
     sp.set_defaults(func=lambda a: stage1(a))
 

@@ -1296,7 +1296,8 @@ def test_collect_writes_the_authors_layout(pipeline):
         assert np.median(diffs) < 10
     assert os.path.exists(root / "data/bigfish/test/0.npz")
     summary = json.load(open(root / "data/bigfish/collect_summary.json"))
-    assert summary["train"]["frames"] == 2048 and summary["test"]["frames"] == 1024 and summary["policy"].endswith(".pt")
+    assert (summary["train"]["frames"], summary["test"]["frames"]) == (2048, 1024)
+    assert summary["policy"] == str(root / "expert/expert.pt")
 
 
 def test_collect_with_a_policy_is_reproducible(pipeline, tmp_path):
@@ -1350,20 +1351,29 @@ def test_stage1_and_stage2_cli_summaries(pipeline):
     assert "samples/s" in pipeline[2]["stage1"] and "eta" in pipeline[2]["stage1"]  # progress lines
 
 
-def test_supervised_idm_diagnostic(tmp_path):
-    """--supervised 1 trains the same IDM on the true actions: on video where the action is plain to see, its action
-    head and the probe on its latents read the action; stage 2 refuses it as a latent IDM."""
+def test_supervised_idm_diagnostic(tmp_path, capsys):
+    """tools/diagnose.py supervised-idm trains stage 1's IDM on the true actions: on video where the action is plain
+    to see, its action head and the probe on its latents read the action; stage 2 refuses it as a latent IDM."""
     obs, done, ta = moving_square_video(3072, seed=5)
     train, test = lapo.FrameData(obs[:2048], done[:2048], ta[:2048]), lapo.FrameData(obs[2048:], done[2048:], ta[2048:])
     argv = ["--preset", "tiny", "--data", "x", "--out", str(tmp_path)]
-    _, _, s = lapo.stage1(lapo.parse_args(["stage1", *argv, "--supervised", "1", "--stage1-steps", "100", "--amp",
-                                           "off", "--eval-every", "100", "--probe-windows", "512"]), train, test)
+    args = diagnose_tool.parse(["supervised-idm", *argv, "--stage1-steps", "100", "--amp", "off", "--eval-every",
+                                "100", "--probe-windows", "512"])
+    _, _, s = args.func(args, train, test)
     # measured (AMD EPYC with AVX-512 BF16, fp32): test_acc 0.59, probe_acc 0.77, majority 0.26 after 100 steps (an
     # untrained IDM's probe: 0.40, see test_stage1_recovers_actions_from_video_alone)
     assert "test_fdm_loss" not in s and s["probe_majority"] < 0.3
     assert s["test_acc"] > 0.45 and s["probe_acc"] > 0.6, s
     with pytest.raises(lapo.LapoError, match="supervised-IDM diagnostic"):
         lapo.stage2(lapo.parse_args(["stage2", *argv]), train, test)
+    with pytest.raises(lapo.LapoError, match="has no 'ta'"):  # it needs the actions
+        args.func(diagnose_tool.parse(["supervised-idm", *argv[:-1], str(tmp_path / "b")]),
+                  lapo.FrameData(obs[:2048], done[:2048]), test)
+    for bad in ([], ["stage1"], ["supervised-idm", "--stage1-steps", "0"]):  # one line, exit 2
+        with pytest.raises(SystemExit) as e:
+            diagnose_tool.main(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 def test_stage3_offline_online_and_eval_cli(pipeline):
@@ -1585,7 +1595,7 @@ def load_tool(name):  # the tools are scripts, not a package: import them by pat
     return module
 
 
-pipeline_tool, bench_tool = load_tool("pipeline"), load_tool("bench")
+pipeline_tool, bench_tool, diagnose_tool = load_tool("pipeline"), load_tool("bench"), load_tool("diagnose")
 
 
 def run_tool(name, *argv, ok=True):
@@ -1625,7 +1635,7 @@ def test_bench_reference_row_follows_the_cpu_flags(tmp_path):
     ("pipeline", ["--flags", "stage9=--x 1"], "--flags"), ("pipeline", ["--flags", "stage1=--stage1-steps 0"],
                                                               "--stage1-steps"),
     ("pipeline", ["--flags", "stage1=--seed 3"], "--seed"), ("pipeline", ["--flags", "stage2=--nope"], "--nope"),
-    ("pipeline", ["--flags", "stage1=--superv 1"], "--supervised"), ("pipeline", ["--flags", "stage3=--no-sl"],
+    ("pipeline", ["--flags", "stage1=--se 3"], "--seed"), ("pipeline", ["--flags", "stage3=--no-sl"],
                                                                          "--no-sl"),
     ("pipeline", ["--flags", "stage1"], "--flags"), ("pipeline", ["--flags", "stage1=--lr '1"], "--flags"),
     ("bench", ["--steps", "0"], "--steps"), ("bench", ["--warmup", "-1"], "--warmup"),
@@ -1675,7 +1685,7 @@ def test_pipeline_layout_and_commands(tool_pipeline):
             s1 = json.load(open(root / f"seed{k}/{d}/stage1_summary.json"))
             assert s1["step"] == 20 and s1["probe_acc"] == res["per_seed"][str(k)][f"probe_{d}".replace("lapo",
                                                                                                        "latent")]
-        cmd = (f"python lapo.py stage1 --stage1-steps 20 --supervised 1 --data {root}/data/bigfish "
+        cmd = (f"python tools/diagnose.py supervised-idm --stage1-steps 20 --data {root}/data/bigfish "
                f"--out {root}/seed{k}/supervised")
         assert cmd in stdout
     assert json.load(open(root / "seed1/ppo_scratch/expert_summary.json"))["frames"] == 2048  # the online budget
@@ -1730,7 +1740,7 @@ def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
 def test_pipeline_second_call_skips_every_step(tool_pipeline):
     root, _, expert = tool_pipeline
     r = run_tool("pipeline", *PIPELINE_ARGV, "--expert", expert, "--out", root)
-    assert "python lapo.py" not in r.stdout and r.stdout.count(" done (") == 1 + 2 * 7
+    assert "python " not in r.stdout and r.stdout.count(" done (") == 1 + 2 * 7
     r = run_tool("pipeline", "--env", "bigfish", "--preset", "tiny", "--seeds", "0,1", "--expert", expert, "--out",
                  root, ok=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr  # other flags: refused, not mixed

@@ -24,6 +24,9 @@ import torch  # noqa: E402
 
 import lapo  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the diagnostics
+import diagnose  # noqa: E402
+
 
 def seed_list(text):
     """argparse type of --seeds: distinct comma-separated integers, each in lapo's seed range."""
@@ -40,8 +43,8 @@ def seed_list(text):
 PLACEHOLDER = {"expert": ["--env", "bigfish"], "collect": ["--env", "bigfish"], "stage1": ["--data", "-"],
                "stage2": ["--data", "-"], "stage3": ["--mode", "online"]}
 # settings the pipeline makes itself (argparse dests): --flags may not change them, however they are spelled
-OWNED = ("preset", "seed", "out", "resume", "device", "amp", "data", "env", "mode", "policy", "supervised", "no_sl",
-         "baseline", "expert_return")
+OWNED = ("preset", "seed", "out", "resume", "device", "amp", "data", "env", "mode", "policy", "no_sl", "baseline",
+         "expert_return")
 
 
 def extra_flags(text):
@@ -136,7 +139,7 @@ def plan(args, x, norm):
                 ("stage3 offline + BC from scratch", lapo.stage3_offline, ["stage3", *x["stage3"], "--mode",
                  "offline", "--baseline", "bc", "--data", data, *norm], run, "stage3_offline", None),
                 ("stage3 online (RL+SL)", lapo.stage3_online, online, run, "stage3_online", "online_state.pt"),
-                ("supervised IDM", lapo.stage1, ["stage1", *x["stage1"], "--supervised", 1, "--data", data], sup,
+                ("supervised IDM", diagnose.supervised_idm, ["supervised-idm", *x["stage1"], "--data", data], sup,
                  "stage1", "stage1.pt"),
                 ("PPO from scratch", lapo.expert, ["expert", "--env", game, "--frames", frames, *norm], scratch,
                  "expert", "expert_state.pt"),
@@ -151,11 +154,15 @@ def common_flags(args):
     return ["--preset", args.preset, "--device", args.device] + (["--amp", args.amp] if args.amp else [])
 
 
+def parse_step(argv):
+    """A step's command line -> its arguments: lapo.py's commands, or the supervised IDM of tools/diagnose.py."""
+    return diagnose.parse(argv) if argv[0] == "supervised-idm" else lapo.parse_args(argv)
+
+
 def check_plan(todo, flags):
     """Parse every step's command line before any work (a bad combination of flags fails now, not hours in), and
     check that online decoding and PPO from scratch get the same frame budget (each rounds to whole rollouts)."""
-    parsed = {name: lapo.parse_args([*map(str, argv), *flags, "--seed", str(seed)])
-              for name, _, argv, seed, _, _ in todo}
+    parsed = {name: parse_step([*map(str, argv), *flags, "--seed", str(seed)]) for name, _, argv, seed, _, _ in todo}
     for name, a in parsed.items():
         if name.endswith("online (RL+SL)"):
             b = parsed[name.replace("stage3 online (RL+SL)", "PPO from scratch")]
@@ -187,8 +194,9 @@ def pipeline(args):
         # seconds already trained: the checkpoint's own clock also counts a process killed before it could report
         prior = lapo.load_checkpoint(ckpt, ("stage1", "stage2", "ppo")).get("wall_s", 0.0) if resume else 0.0
         argv = [str(a) for a in argv] + flags + ["--seed", str(seed)] + resume
-        print(f"\npipeline: {name}: python lapo.py {shlex.join(argv)}", flush=True)
-        a, t0 = lapo.parse_args(argv), time.time()
+        script = "tools/diagnose.py" if argv[0] == "supervised-idm" else "lapo.py"
+        print(f"\npipeline: {name}: python {script} {shlex.join(argv)}", flush=True)
+        a, t0 = parse_step(argv), time.time()
         device = lapo.get_device(a)
         fn(a)
         steps[name] = {"wall_s": prior + time.time() - t0, "device": str(device), "amp": lapo.use_amp(a, device)}
