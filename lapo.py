@@ -20,6 +20,8 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -168,8 +170,14 @@ def check_out(out):
 def load_checkpoint(path, kinds):
     if not os.path.isfile(path):
         raise LapoError(f"checkpoint {path} not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            what = ", ".join(sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))) or "an object"
+            raise LapoError(f"refused to load {path}: it holds {what}, not only tensors and plain values, and "
+                            "loading it could run code; lapo.py's own checkpoints never do")
+        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     except Exception as e:
         raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     if not isinstance(ck, dict) or ck.get("kind") not in kinds:
@@ -1080,11 +1088,12 @@ class RewardNormalizer:
         self.ret[done] = 0.0
         return np.clip(rew / np.sqrt(self.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
-    def state_dict(self):
-        return {"ret": self.ret, "count": self.count, "mean": self.mean, "var": self.var}
+    def state_dict(self):  # a tensor and floats: checkpoints hold no numpy objects (they load with weights_only)
+        return {"ret": torch.from_numpy(self.ret.copy()), "count": float(self.count), "mean": float(self.mean),
+                "var": float(self.var)}
 
     def load_state_dict(self, s):
-        self.ret, self.count, self.mean, self.var = s["ret"], s["count"], s["mean"], s["var"]
+        self.ret, self.count, self.mean, self.var = s["ret"].numpy().copy(), s["count"], s["mean"], s["var"]
 
 def gae(rewards, values, dones, next_value, gamma, lam):
     """Generalized advantage estimation over (T, E) tensors. dones[t]: the episode ended with step t,

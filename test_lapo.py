@@ -1563,6 +1563,34 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, mo
         lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
 
 
+class Payload:
+    """Unpickling this runs a shell command: what a malicious "checkpoint" would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_shared_checkpoint_never_runs_code(tmp_path):
+    """Checkpoints are loaded with torch.load(weights_only=True): a file carrying a pickled callable is refused in one
+    line, and the callable never runs (lapo's own checkpoints hold only tensors and plain values: the resume tests
+    load every kind)."""
+    marker = tmp_path / "payload_ran"
+    torch.save({"kind": "policy", "agent": "impala", "x": Payload(marker)}, tmp_path / "e.pt")
+    one_line_error(run_cli("eval", "--checkpoint", tmp_path / "e.pt", ok=False), "refused", "system", "run code")
+    with pytest.raises(lapo.LapoError, match="refused"):
+        lapo.load_checkpoint(str(tmp_path / "e.pt"), ("policy",))
+    assert not marker.exists()
+    norm = lapo.RewardNormalizer(3, 0.9)  # the one piece of state that lives in numpy, saved as a tensor and floats
+    norm(np.ones(3), np.zeros(3, bool))
+    torch.save({"kind": "ppo", "norm": norm.state_dict()}, tmp_path / "n.pt")
+    back = lapo.RewardNormalizer(3, 0.9)
+    back.load_state_dict(lapo.load_checkpoint(str(tmp_path / "n.pt"), ("ppo",))["norm"])
+    assert np.array_equal(back.ret, norm.ret) and (back.count, back.mean, back.var) == (norm.count, norm.mean, norm.var)
+
+
 def test_action_free_data_trains(tmp_path):
     obs, done, _ = moving_square_video(1024, seed=2)
     for split, sl in (("train", slice(0, 768)), ("test", slice(768, 1024))):
