@@ -405,20 +405,36 @@ def load_split(folder, split, max_chunks=None):
         names.sort(key=lambda f: int(f[:-4]))
     except ValueError:
         raise LapoError(f"chunk names in {d} must be integers (0.npz, 1.npz, ...)")
-    paths = [os.path.join(d, f) for f in (names[:max_chunks] if max_chunks else names)]
-    sizes, has_ta, has_done = [], True, False
-    for p in paths:
-        try:
+    same = [(a, b) for a, b in zip(names, names[1:]) if int(a[:-4]) == int(b[:-4])]
+    if same:
+        raise LapoError(f"{d}: {same[0][0]} and {same[0][1]} name the same chunk number; remove or rename one")
+    paths, sizes, has_ta, has_done = [], [], True, False
+    for p in [os.path.join(d, f) for f in (names[:max_chunks] if max_chunks else names)]:
+        try:  # every array's .npy header, checked against obs before any frame is read
             with zipfile.ZipFile(p) as z:
-                f, shape, fortran, dtype = _npz_member(z, "obs")
-                f.close()
-                has_ta &= "ta.npy" in z.namelist()
-                has_done |= "done.npy" in z.namelist()
+                head = {}
+                for key in ("obs", "ta", "done"):
+                    if key == "obs" or f"{key}.npy" in z.namelist():
+                        f, *head[key] = _npz_member(z, key)
+                        f.close()
         except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}: {e}); delete it or re-run collect")
+        shape, fortran, dtype = head["obs"]
         if len(shape) != 4 or shape[1:] != (64, 64, 3) or dtype != np.uint8 or fortran:
             raise LapoError(f"{p}: obs must be uint8 (N, 64, 64, 3) in C order, found {dtype} {shape}")
+        for key, kinds, what in (("ta", "iu", "integer action indices"), ("done", "biu", "bool (or 0/1)")):
+            if key in head and (head[key][0] != shape[:1] or head[key][2].kind not in kinds):
+                raise LapoError(f"{p}: '{key}' must be {what} of shape ({shape[0]},), one per frame of obs; found "
+                                f"{head[key][2]} {head[key][0]}")
+        if shape[0] == 0:
+            print(f"note: {p} holds no frames; skipped", flush=True)
+            continue
+        has_ta &= "ta" in head
+        has_done |= "done" in head
+        paths.append(p)
         sizes.append(shape[0])
+    if not paths:
+        raise LapoError(f"the chunks in {d} hold no frames")
     if not has_done:
         print(f"note: {d} has no 'done' arrays: episode ends are unknown, so windows may cross them "
               "(only chunk ends are respected)", flush=True)
@@ -433,9 +449,9 @@ def load_split(folder, split, max_chunks=None):
                 with _npz_member(z.zip, "obs")[0] as f:  # obs streamed in; the small arrays through np.load
                     _read_into(f, obs[o:o + s])
                 if "done" in z.files:
-                    done[o:o + s] = np.asarray(z["done"]).reshape(-1)[:s]
+                    done[o:o + s] = z["done"]
                 if ta is not None:
-                    ta[o:o + s] = np.asarray(z["ta"]).reshape(-1)[:s]
+                    ta[o:o + s] = z["ta"]
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}); delete it or re-run collect")
         o += s
@@ -1022,9 +1038,19 @@ def heldout_centres(test):
     """Stage 3's fixed held-out windows (2,048 test-split frames) for accuracy; results/scripts measures on them too."""
     return test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))
 
+def stage3_game(ck1, args):
+    """The game stage 3's policies are evaluated on: stage 1's data folder's name, or --env."""
+    game = ck1["config"].get("game") or args.env
+    if game is None:
+        raise LapoError("the stage-1 data folder is not named after a Procgen game; pass --env GAME")
+    check_game(game)
+    return game
+
 def stage3_offline(args):
     """Train only the decoder on N labeled frames per --labels value; evaluate in the env. -> summary."""
     methods = ("decoded", "bc")[:1 + (args.baseline == "bc")]
+    args.on_interrupt = (f"offline decoding does not resume: move this sweep's decoded_*.pt and bc_*.pt out of "
+                         f"{args.out}, then run the same command again")
     for f in ["stage3_offline_summary.json"] + [f"{m}_{n}.pt" for n in args.labels for m in methods]:
         if os.path.exists(os.path.join(args.out, f)):
             raise LapoError(f"{os.path.join(args.out, f)} exists: offline results are never overwritten; move the "
@@ -1037,7 +1063,7 @@ def stage3_offline(args):
             raise LapoError(f"{d.name} has no action labels 'ta'; offline decoding needs a labeled set")
     _, ck1 = load_stage1(args.out, device, train_data.game)  # (checks that stage 1 learnt from this game)
     policy, ck2 = load_stage2(args.out, device)
-    game = ck1["config"].get("game") or args.env
+    game = stage3_game(ck1, args)  # before anything is written
     if max(args.labels) > len(train_data.centres):
         raise LapoError(f"--labels {max(args.labels)} asks for more labeled frames than the "
                         f"{len(train_data.centres)} in {train_data.name}")
@@ -1253,10 +1279,7 @@ def stage3_online(args):
     device = get_device(args)
     idm, ck1 = load_stage1(args.out, device)
     policy, ck2 = load_stage2(args.out, device)
-    game = ck1["config"].get("game") or args.env
-    if game is None:
-        raise LapoError("the stage-1 data folder is not named after a Procgen game; pass --env GAME")
-    check_game(game)
+    game = stage3_game(ck1, args)
     amp = use_amp(args, device)
     seed_everything(args.seed)
     arch = {"scale": ck2["config"]["impala_scale"], "latent_dim": ck1["config"]["latent_dim"], "sl": not args.no_sl}

@@ -300,6 +300,34 @@ def test_bad_data_gives_one_line_errors(tmp_path):
         lapo.check_game("pong")
 
 
+def test_every_chunk_array_is_checked_against_obs(tmp_path, capsys):
+    """Before any frame is read: 'ta' and 'done' must hold one value per frame of obs, 'ta' integer indices (not
+    one-hot), and chunk numbers are unique (0.npz beside 00.npz is refused); a chunk without frames is skipped."""
+    n = 40
+    obs, ta = np.zeros((n, 64, 64, 3), np.uint8), np.arange(n) % 15
+    bad = {"ta longer than obs": dict(ta=np.arange(n + 5) % 15), "one-hot ta": dict(ta=np.eye(15)[ta]),
+           "done shorter than obs": dict(done=np.zeros(n - 1, bool)), "float ta": dict(ta=ta.astype(np.float32)),
+           "float done": dict(done=np.zeros(n, np.float32))}
+    for i, (case, arrays) in enumerate(bad.items()):
+        write = {"obs": obs, "ta": ta, "done": np.zeros(n, bool), **arrays}
+        os.makedirs(tmp_path / f"c{i}/train")
+        np.savez(tmp_path / f"c{i}/train/0.npz", **write)
+        key = next(iter(arrays))
+        with pytest.raises(lapo.LapoError, match=f"'{key}' must be .* of shape \\({n},\\)"):
+            lapo.load_split(str(tmp_path / f"c{i}"), "train")
+    for name in ("0.npz", "00.npz"):
+        write_chunk(str(tmp_path / f"dup/train/{name}"), 10)
+    with pytest.raises(lapo.LapoError, match="(0.npz and 00|00.npz and 0).npz name the same chunk"):
+        lapo.load_split(str(tmp_path / "dup"), "train")
+    write_chunk(str(tmp_path / "empty/train/0.npz"), 0)
+    kept = write_chunk(str(tmp_path / "empty/train/1.npz"), 12, seed=3)
+    data = lapo.load_split(str(tmp_path / "empty"), "train")
+    assert np.array_equal(data.obs.numpy(), kept["obs"]) and "holds no frames; skipped" in capsys.readouterr().out
+    os.remove(tmp_path / "empty/train/1.npz")
+    with pytest.raises(lapo.LapoError, match="hold no frames"):
+        lapo.load_split(str(tmp_path / "empty"), "train")
+
+
 # ---------------------------------------------------------------------------------------------- functional
 def moving_square_video(n_frames, seed, ep_len=64, shift=4):
     """Synthetic video with known actions: each episode shows a random blocky texture (64x64, 8x8 blocks) that
@@ -1188,6 +1216,41 @@ def test_amp_on_runs_bf16_and_amp_off_fp32_and_both_train(stage1_run, tmp_path, 
         assert math.isfinite(s["test_fdm_loss"]) and s["test_fdm_loss"] > 0
         ck = torch.load(out / "stage1.pt", weights_only=False)
         assert all(v.dtype == torch.float32 for k, v in ck["idm"].items() if v.is_floating_point())  # fp32 weights
+
+
+# ---------------------------------------------------------------------------------------------- checks before work
+def test_stage3_checks_the_game_before_writing_anything(stage1_run, tmp_path):
+    """Stage 1 learnt from a folder not named after a game: both decodings refuse before any file is written, and
+    an interrupted offline sweep advises what really works (its files are never overwritten, so no --resume)."""
+    _, _, train, test = stage1_run
+    out = with_stage1(stage1_run, tmp_path / "run")
+    lapo.stage2(lapo.parse_args(["stage2", *tiny_flags(out, "--amp", "off", "--stage2-steps", 1, "--eval-windows",
+                                                       8)]), train, test)
+    obs, done, ta = moving_square_video(256, seed=6)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / f"vid/{split}")
+        np.savez(tmp_path / f"vid/{split}/0.npz", obs=obs, done=done, ta=ta)
+    before = sorted(os.listdir(out))
+    offline = lapo.parse_args(["stage3", "--mode", "offline", "--preset", "tiny", "--data", str(tmp_path / "vid"),
+                               "--out", str(out)])
+    for args in (offline, lapo.parse_args(["stage3", "--mode", "online", "--preset", "tiny", "--out", str(out)])):
+        with pytest.raises(lapo.LapoError, match="not named after a Procgen game; pass --env GAME"):
+            args.func(args)
+        assert sorted(os.listdir(out)) == before
+    assert "move this sweep's decoded_*.pt" in offline.on_interrupt and "--resume" not in offline.on_interrupt
+
+
+def test_pipeline_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
+    """A data folder without collect_summary.json may hold a user's files: the pipeline says so and stops."""
+    data = tmp_path / "data/bigfish"
+    data.mkdir(parents=True)
+    (data / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        pipeline_tool.main(["--env", "bigfish", "--preset", "tiny", "--seeds", "0", "--expert", str(tmp_path / "x.pt"),
+                            "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Nothing was deleted" in err, err
+    assert (data / "mine.txt").read_text() == "keep"
 
 
 # ---------------------------------------------------------------------------------------------- data

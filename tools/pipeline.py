@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -204,9 +203,10 @@ def pipeline(args):
 
     first = plan(args, x, [])
     for s in first[:1 + (not args.expert)]:  # the expert, and the data it collects
-        if s[0] == "collect" and os.path.isdir(data) and not os.path.exists(s[4]):
-            print(f"pipeline: {data} holds an interrupted collection; recollecting", flush=True)
-            shutil.rmtree(data)
+        if s[0] == "collect" and os.path.isdir(data) and not os.path.exists(s[4]):  # never delete it: not ours
+            raise lapo.LapoError(f"{data} exists without collect_summary.json: an interrupted collection, or files of "
+                                 "yours. Nothing was deleted: remove it if it is an interrupted collection, or choose "
+                                 "another --out")
         step(*s)
     # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
     ex = lapo.read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
