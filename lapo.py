@@ -167,6 +167,63 @@ def check_out(out):
     except OSError as e:
         raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
 
+LOCK = "lapo.lock"  # in a run folder: the pid of the one process that writes it
+
+def lock_holder(folder):
+    """The pid in folder's lock file if that process is alive and not this one, else None (no lock, or stale)."""
+    try:
+        with open(os.path.join(folder, LOCK)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return pid
+
+def _parents(path):
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        yield path
+
+@contextlib.contextmanager
+def run_lock(out):
+    """Own the run folder `out` while a command writes it: <out>/lapo.lock, created atomically, holds this pid. A
+    second writer, into the same folder or one inside it, is refused in one line; a dead process's lock is replaced."""
+    if out is None:
+        yield
+        return
+    out = os.path.abspath(out)
+    for folder in [out, *_parents(out)]:
+        pid = lock_holder(folder)
+        if pid:
+            raise LapoError(f"{folder} is in use by process {pid} (its {LOCK}); wait for it to end, or use another "
+                            "--out")
+    path = os.path.join(out, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = lock_holder(out)
+            if pid:  # another process took it between the check above and now
+                raise LapoError(f"{out} is in use by process {pid} (its {LOCK}); wait for it to end, or use another "
+                                "--out")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale (or our own): replace it
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
 def load_checkpoint(path, kinds):
     if not os.path.isfile(path):
         raise LapoError(f"checkpoint {path} not found")
@@ -1571,7 +1628,8 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
     args = None
     try:
         args = parse(argv)
-        args.func(args)
+        with run_lock(None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)):
+            args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1624,6 +1625,47 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, mo
     os.makedirs(tmp_path / "metrics.jsonl")  # the progress log cannot be appended to: one line too
     with pytest.raises(lapo.LapoError, match="could not append to .*metrics.jsonl"):
         lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
+
+
+def test_a_run_folder_has_one_writer(tmp_path, capsys, monkeypatch):
+    """<out>/lapo.lock names the one process writing a run folder. A second writer, into that folder or into one
+    inside it, is refused in one line that names the pid, before any work; the lock of a process that died (even by
+    SIGKILL) is replaced; a finished command leaves no lock behind."""
+    obs, done, _ = moving_square_video(256, seed=7)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / f"vid/{split}")
+        np.savez(tmp_path / f"vid/{split}/0.npz", obs=obs, done=done)
+    run = tmp_path / "run"
+    argv = ["stage1", "--preset", "tiny", "--data", str(tmp_path / "vid"), "--amp", "off", "--eval-windows", "16"]
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "lapo.py"), *argv, "--out", str(run),
+                              "--stage1-steps", "100000", "--ckpt-every", "100000", "--eval-every", "100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # killed before it writes stage1.pt
+    try:
+        for _ in range(600):  # until the first run holds the folder
+            if (run / "lapo.lock").exists() and (run / "lapo.lock").read_text().strip():
+                break
+            time.sleep(0.1)
+        assert (run / "lapo.lock").read_text() == str(first.pid)
+        for out in (run, run / "inner"):
+            with pytest.raises(SystemExit) as e:
+                lapo.main([*argv, "--out", str(out), "--stage1-steps", "2"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"in use by process {first.pid}" in err, err
+        assert not (run / "inner/stage1.pt").exists()
+    finally:
+        first.kill()  # SIGKILL: its lock stays behind, stale
+        first.wait()
+    assert (run / "lapo.lock").read_text() == str(first.pid)
+    held = []
+    real = lapo.run_stage
+    monkeypatch.setattr(lapo, "run_stage", lambda stage, build, args, *a: held.append(
+        open(os.path.join(args.out, "lapo.lock")).read()) or real(stage, build, args, *a))
+    lapo.main([*argv, "--out", str(run / "inner"), "--stage1-steps", "2"])  # the dead process's lock is no obstacle
+    assert (run / "inner/stage1.pt").exists() and not (run / "inner/lapo.lock").exists()
+    lapo.main([*argv, "--out", str(run), "--stage1-steps", "2"])  # the stale lock of the folder itself is replaced
+    assert (run / "stage1.pt").exists() and not (run / "lapo.lock").exists()
+    assert held == [str(os.getpid())] * 2  # this process held each folder while it trained
 
 
 class Payload:
