@@ -16,6 +16,7 @@ Every command takes --preset paper|small|tiny (default paper; pipeline: small); 
 import argparse
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -25,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 import zipfile
 
@@ -88,6 +90,8 @@ PRESETS = {
            "expert.frames": 2048, "expert.num_envs": 8, "expert.num_steps": 32, "expert.lr": 5e-4,
            "expert.ent_coef": 0.01, "expert.impala_scale": 0.25, "collect.num_envs": 8, "eval_max_steps": 200}),
 }
+# What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
+INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp",
                 "max_chunks", "eval_every", "eval_episodes", "eval_max_steps", "func", "episodes"}
@@ -252,11 +256,15 @@ def resume_checkpoint(path, kind, args):
         raise LapoError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
     ck = load_checkpoint(path, (kind,))
     saved, current = ck["config"], config_of(args)
-    diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+    diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
             if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
-            and (saved.get(k) or current.get(k))]  # a flag added or removed since, switched off: no change
+            and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
+    inputs = [d for k, d in diff.items() if k in INPUT_KEYS]
+    if inputs:
+        raise LapoError(f"{path} was trained on other inputs ({'; '.join(inputs)}); resume it with the data and "
+                        "earlier stages it started with, or use another --out")
     if diff:
-        raise LapoError(f"{path} was made with a different configuration ({'; '.join(diff[:4])}); "
+        raise LapoError(f"{path} was made with a different configuration ({'; '.join(list(diff.values())[:4])}); "
                         "rerun with the same flags, or use another --out")
     return ck
 
@@ -414,9 +422,9 @@ class FrameData:
     """All frames of one split in ONE contiguous uint8 array (N, 64, 64, 3); windows are gathered by index.
     centres: every t whose window (o_{t-1}, o_t, o_{t+1}) stays inside one episode and one chunk."""
 
-    def __init__(self, obs, done, ta=None, chunk_ends=(), name="data", game=None):
+    def __init__(self, obs, done, ta=None, chunk_ends=(), name="data", game=None, identity=None):
         self.obs = torch.from_numpy(obs) if isinstance(obs, np.ndarray) else obs
-        self.name, self.game, n = name, game, len(obs)
+        self.name, self.game, self.identity, n = name, game, identity, len(obs)
         brk = np.asarray(done, bool).copy()
         brk[list(chunk_ends)] = True
         brk[-1] = True
@@ -516,7 +524,10 @@ def load_split(folder, split, max_chunks=None):
     if ta is not None and (ta.min() < 0 or ta.max() >= NUM_ACTIONS):
         raise LapoError(f"{d}: actions 'ta' must lie in [0, {NUM_ACTIONS})")
     game = os.path.basename(os.path.normpath(folder))
-    return FrameData(obs, done, ta, ends, name=f"{folder}/{split}", game=game if game in GAMES else None)
+    chunks = json.dumps([[os.path.basename(p), os.path.getsize(p)] for p in paths])  # names and sizes: cheap
+    identity = f"{len(paths)} chunks, {n} frames, {hashlib.sha1(chunks.encode()).hexdigest()[:12]}"
+    return FrameData(obs, done, ta, ends, name=f"{folder}/{split}", game=game if game in GAMES else None,
+                     identity=identity)
 
 # ==== NETWORKS: IMPALA CNN, VQ bottleneck, IDM, FDM (U-Net), decoder, agents ==================
 class ResBlock(nn.Module):
@@ -846,6 +857,7 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total):
         torch.set_rng_state(ck["torch_rng"])
         step = ck["step"]
         print(f"{stage}: resumed from {path} at step {step}", flush=True)
+    run_id = ck.get("run_id") if ck else uuid.uuid4().hex  # this run's identity, for the stages built on it
     first, t_start, t_eval, t_log, n_log = step, time.time(), 0.0, time.time(), 0
     while step < total:
         for g in opt.param_groups:
@@ -873,7 +885,7 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total):
             t_log += time.time() - t0
         if step % args.ckpt_every == 0 or step == total:
             save_atomic({"kind": stage, "config": cfg, "step": step, "opt": opt.state_dict(), "gen": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "metrics": metrics,
+                         "torch_rng": torch.get_rng_state(), "metrics": metrics, "run_id": run_id,
                          "wall_s": prior + time.time() - t_start, **{k: m.state_dict() for k, m in modules.items()}},
                         path)
     wall, trained = time.time() - t_start, step - first
@@ -897,6 +909,8 @@ def run_stage(stage, build, args, train, test):
     device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
     test_data = test or load_split(args.data, "test", args.max_chunks)
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
+    if train_data.identity or test_data.identity:  # in the config: --resume on other data is refused
+        args.data_identity = f"train {train_data.identity}; test {test_data.identity}"
     summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"])
     write_summary(args.out, stage, summary)
     return [m.eval() for m in modules.values()], summary
@@ -1012,6 +1026,7 @@ def build_stage2(args, train_data, test_data, device):
     """Stage 2's latent policy, optimizer, LR schedule, train step and evaluation, on the frozen IDM of stage 1."""
     idm, ck1 = load_stage1(args.out, device, train_data.game)
     args.game, args.stage1_config = train_data.game, {k: ck1["config"][k] for k in ("latent_dim", "vq", "impala_scale")}
+    args.stage1_run = ck1.get("run_id")  # in the config: a resume on another stage-1 checkpoint is refused
     seed_everything(args.seed)
     modules, params, opt, amp = stage_setup(args, train_data, device,
                                             policy=ImpalaCNN(3, ck1["config"]["latent_dim"], args.impala_scale))
@@ -1337,6 +1352,7 @@ def stage3_online(args):
     idm, ck1 = load_stage1(args.out, device)
     policy, ck2 = load_stage2(args.out, device)
     game = stage3_game(ck1, args)
+    args.stage1_run, args.stage2_run = ck1.get("run_id"), ck2.get("run_id")  # a resume on other stages is refused
     amp = use_amp(args, device)
     seed_everything(args.seed)
     arch = {"scale": ck2["config"]["impala_scale"], "latent_dim": ck1["config"]["latent_dim"], "sl": not args.no_sl}

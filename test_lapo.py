@@ -1627,6 +1627,54 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, mo
         lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
 
 
+def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
+    """--resume continues only what a run trained on: the same chunks (by names and sizes, wherever the folder now
+    lies) and, for stage 2, the same stage-1 run. Anything else is refused in one line that says what changed."""
+    obs, done, ta = moving_square_video(384, seed=8)
+    for split, sl in (("train", slice(0, 256)), ("test", slice(256, 384))):
+        for i, part in enumerate((slice(sl.start, sl.start + 64), slice(sl.start + 64, sl.stop))):
+            os.makedirs(tmp_path / f"a/{split}", exist_ok=True)
+            np.savez(tmp_path / f"a/{split}/{i}.npz", obs=obs[part], done=done[part], ta=ta[part])
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the same chunks at another path
+    shutil.copytree(tmp_path / "a", tmp_path / "other")
+    np.savez(tmp_path / "other/train/1.npz", obs=obs[64:190], done=done[64:190], ta=ta[64:190])  # one chunk changed
+    real_save = lapo.save_atomic
+
+    def crash_at_2(obj, path):
+        real_save(obj, path)
+        if obj.get("step") == 2:
+            raise KeyboardInterrupt
+
+    def run(stage, data, *extra, crash=False):
+        argv = [stage, "--preset", "tiny", "--amp", "off", "--data", str(tmp_path / data), "--out", str(tmp_path / "r"),
+                f"--{stage}-steps", "4", "--ckpt-every", "2", "--eval-every", "4", "--eval-windows", "16",
+                "--probe-windows", "16", *extra]
+        if stage == "stage2":
+            argv.remove("--probe-windows"), argv.remove("16")
+        with monkeypatch.context() as m:
+            if crash:
+                m.setattr(lapo, "save_atomic", crash_at_2)
+            return getattr(lapo, stage)(lapo.parse_args(argv))
+
+    with pytest.raises(KeyboardInterrupt):
+        run("stage1", "a", crash=True)
+    for data, extra in (("a", ["--max-chunks", "1"]), ("other", [])):
+        with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks"):
+            run("stage1", data, "--resume", *extra)
+    assert run("stage1", "moved", "--resume")[2]["step"] == 4  # the same chunks elsewhere: resumed
+    with pytest.raises(KeyboardInterrupt):
+        run("stage2", "a", crash=True)
+    first_run = torch.load(tmp_path / "r/stage1.pt", weights_only=True)["run_id"]
+    os.rename(tmp_path / "r/stage1.pt", tmp_path / "stage1_first.pt")
+    os.rename(tmp_path / "r/stage2.pt", tmp_path / "stage2_first.pt")
+    run("stage1", "a")  # another stage-1 run takes its place
+    os.rename(tmp_path / "stage2_first.pt", tmp_path / "r/stage2.pt")
+    with pytest.raises(lapo.LapoError, match=f"trained on other inputs \\(stage1_run: '{first_run}' -> '"):
+        run("stage2", "a", "--resume")
+    os.replace(tmp_path / "stage1_first.pt", tmp_path / "r/stage1.pt")  # its own stage 1 back: resumed
+    assert run("stage2", "a", "--resume")[1]["step"] == 4
+
+
 def test_a_run_folder_has_one_writer(tmp_path, capsys, monkeypatch):
     """<out>/lapo.lock names the one process writing a run folder. A second writer, into that folder or into one
     inside it, is refused in one line that names the pid, before any work; the lock of a process that died (even by
