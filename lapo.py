@@ -23,8 +23,10 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -147,18 +149,44 @@ def optimize(opt, loss, params=None, max_norm=math.inf):
     opt.step()
     return norm
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block has finished, then raise it: a write is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
+
 def write_atomic(path, write):
-    """write(file) into a temporary file, then rename: a crash or a full disk never leaves a half-written file."""
+    """write(file) into a temporary file, then rename: a crash, a full disk or Ctrl-C never leaves a half-written
+    file, and no temporary file stays behind."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        with ctrl_c_deferred():
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # (torch.save reports a failed write as RuntimeError)
+            raise
         kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}")
+        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
+
+def save_npz(f, arrays):
+    """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key, value in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
@@ -276,9 +304,16 @@ def log_metrics(out, stage, metrics, line=None):
     """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
     metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
     path = os.path.join(out, "metrics.jsonl")
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    line_bytes = (json.dumps(metrics) + "\n").encode()
+    try:  # a failed write is cut back off, so the file never ends in half a line
+        with open(path, "ab", buffering=0) as f, ctrl_c_deferred():
+            size, done = f.seek(0, os.SEEK_END), 0
+            try:
+                while done < len(line_bytes):
+                    done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
+            except OSError:
+                f.truncate(size)
+                raise
     except OSError as e:  # a full disk: one line, like a failed checkpoint write
         raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
     if line:
@@ -354,13 +389,15 @@ def collect(args):
     amp, summaries = use_amp(args, device), {}
     args.collected = summaries  # each split's summary, for callers (bench)
     root = os.path.join(args.out, args.env)
-    for split in ("train", "test"):
-        folder = os.path.join(root, split)
-        if os.path.isdir(folder) and any(f.endswith(".npz") for f in os.listdir(folder)):
-            raise LapoError(f"{folder} already holds chunks; delete {root} or choose another --out")
-    args.on_interrupt = f"collection does not resume: delete {root} and run the same command again"
+    part = f"{root}.partial"  # written here and renamed to root once complete: no stage reads half a collection
+    if os.path.exists(part):
+        raise LapoError(f"{part} holds an interrupted collection; delete it and run the same command again")
+    if os.path.isdir(root) and os.listdir(root):
+        raise LapoError(f"{root} already exists and is not empty; delete it or choose another --out")
+    args.on_interrupt = (f"collection does not resume: its chunks so far are in {part}, which no stage reads; delete "
+                         "it and run the same command again")
     for split, frames, seed in (("train", args.frames, args.seed), ("test", args.test_frames, args.seed + 10_000)):
-        folder = os.path.join(root, split)
+        folder = os.path.join(part, split)
         os.makedirs(folder, exist_ok=True)
         chunk_len = args.chunk_len if split == "train" else args.test_chunk_len
         envs = Envs(args.env, args.num_envs, seed)
@@ -388,7 +425,7 @@ def collect(args):
             chunk = {k: np.stack(v, 1).reshape(-1, *np.asarray(v[0]).shape[1:]) for k, v in buf.items()}
             chunk["done"].reshape(args.num_envs, steps)[:, -1] = True  # segment ends: no window may cross
             chunk["ta"] = chunk["ta"].astype(np.int64)
-            write_atomic(os.path.join(folder, f"{i}.npz"), lambda f: np.savez(f, **chunk))
+            write_atomic(os.path.join(folder, f"{i}.npz"), lambda f: save_npz(f, chunk))
             done_frames += len(chunk["obs"])
             i += 1
             el = time.time() - t0
@@ -400,7 +437,8 @@ def collect(args):
         summaries[split] = {"frames": done_frames, "chunks": i, "episodes": len(ep_returns),
                             "mean_return": float(np.mean(ep_returns)) if ep_returns else None,
                             "frames_per_s": done_frames / (time.time() - t0)}
-    write_summary(root, "collect", {"game": args.env, "policy": args.policy, **summaries})
+    write_summary(part, "collect", {"game": args.env, "policy": args.policy, **summaries})
+    os.rename(part, root)  # (root is absent or an empty folder)
     return root
 
 def _npz_member(z, key):

@@ -2,12 +2,16 @@
 video alone, tiny end-to-end runs of every command on real Procgen frames, and the tools (pipeline, bench).
 Run: pytest -q"""
 import argparse
+import contextlib
 import copy
+import gc
 import importlib.util
 import json
 import math
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1742,6 +1746,75 @@ def test_a_shared_checkpoint_never_runs_code(tmp_path):
     back = lapo.RewardNormalizer(3, 0.9)
     back.load_state_dict(lapo.load_checkpoint(str(tmp_path / "n.pt"), ("ppo",))["norm"])
     assert np.array_equal(back.ret, norm.ret) and (back.count, back.mean, back.var) == (norm.count, norm.mean, norm.var)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail (EFBIG) after writing what fits: a full disk, cut in the middle of a write."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file-size limit")
+def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
+    """A chunk write cut by a full disk: one line, no temporary file, no zip noise on stderr. A metrics.jsonl append
+    cut the same way leaves the file as it was (never half a line). Ctrl-C during a write lets it finish, then
+    stops."""
+    chunk = {"obs": np.zeros((64, 64, 64, 3), np.uint8), "ta": np.zeros(64, np.int64)}
+    path, unraisable = tmp_path / "0.npz", []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # what would print "Exception ignored in ..."
+    with file_size_limit(100_000), pytest.raises(lapo.LapoError, match="could not write .*nothing was written"):
+        lapo.write_atomic(str(path), lambda f: lapo.save_npz(f, chunk))
+    gc.collect()
+    assert os.listdir(tmp_path) == [] and unraisable == []
+    lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with file_size_limit(len(before) + 20), pytest.raises(lapo.LapoError, match="could not append"):
+        lapo.log_metrics(str(tmp_path), "stage1", {"step": 2, "long": "x" * 200})
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+    def interrupted_write(f):  # Ctrl-C arrives in the middle of the chunk
+        f.write(b"half")
+        os.kill(os.getpid(), signal.SIGINT)
+        lapo.save_npz(f, chunk)
+
+    with pytest.raises(KeyboardInterrupt):
+        lapo.write_atomic(str(path), lambda f: (f.truncate(0), f.seek(0), interrupted_write(f)))
+    assert sorted(os.listdir(tmp_path)) == ["0.npz", "metrics.jsonl"]  # finished and renamed, then stopped
+
+
+def test_interrupted_collect_leaves_nothing_a_stage_would_read(tmp_path, monkeypatch, capsys):
+    """collect writes into <game>.partial and renames it to <game> when complete. Interrupted, it leaves only the
+    .partial folder (no temporary files), says so in one line, and a rerun refuses until it is deleted."""
+    argv = ["collect", "--env", "bigfish", "--preset", "tiny", "--out", str(tmp_path), "--frames", "512",
+            "--chunk-len", "256", "--test-frames", "256", "--num-envs", "4"]
+    real, calls = lapo.save_npz, []
+
+    def second_chunk_interrupted(f, arrays):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(f, arrays)
+
+    monkeypatch.setattr(lapo, "save_npz", second_chunk_interrupted)
+    with pytest.raises(SystemExit) as e:
+        lapo.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and "bigfish.partial" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["bigfish.partial"]
+    assert sorted(os.listdir(tmp_path / "bigfish.partial/train")) == ["0.npz"]  # no .tmp
+    monkeypatch.setattr(lapo, "save_npz", real)
+    with pytest.raises(SystemExit) as e:
+        lapo.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds an interrupted collection" in err and len(err.strip().splitlines()) == 1
+    shutil.rmtree(tmp_path / "bigfish.partial")
+    lapo.main(argv)
+    assert sorted(os.listdir(tmp_path)) == ["bigfish"] and lapo.load_split(str(tmp_path / "bigfish"), "train")
 
 
 def test_action_free_data_trains(tmp_path):
