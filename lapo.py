@@ -225,31 +225,32 @@ def _parents(path):
 
 @contextlib.contextmanager
 def run_lock(out):
-    """Own the run folder `out` while a command writes it: <out>/lapo.lock, created atomically, holds this pid. A
-    second writer, into the same folder or one inside it, is refused in one line; a dead process's lock is replaced."""
+    """Own the run folder `out` while a command writes it: <out>/lapo.lock holds this pid (linked into place
+    atomically, so it is never seen empty). A second writer, into the same folder or one inside it, is refused in
+    one line; a dead process's lock is replaced."""
     if out is None:
         yield
         return
+    check_out(out)
     out = os.path.abspath(out)
-    for folder in [out, *_parents(out)]:
-        pid = lock_holder(folder)
-        if pid:
-            raise LapoError(f"{folder} is in use by process {pid} (its {LOCK}); wait for it to end, or use another "
-                            "--out")
-    path = os.path.join(out, LOCK)
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = lock_holder(out)
-            if pid:  # another process took it between the check above and now
-                raise LapoError(f"{out} is in use by process {pid} (its {LOCK}); wait for it to end, or use another "
-                                "--out")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale (or our own): replace it
-    with os.fdopen(fd, "w") as f:
+    path, mine = os.path.join(out, LOCK), os.path.join(out, f"{LOCK}.{os.getpid()}")
+    with open(mine, "w") as f:
         f.write(str(os.getpid()))
+    try:
+        while True:
+            busy = [(folder, pid) for folder in [out, *_parents(out)] for pid in [lock_holder(folder)] if pid]
+            if busy:
+                raise LapoError(f"{busy[0][0]} is in use by process {busy[0][1]} (its {LOCK}); wait for it to end, "
+                                "or use another --out")
+            try:
+                os.link(mine, path)  # atomic, and fails where a lock exists
+                break
+            except FileExistsError:
+                if not lock_holder(out):  # its process is gone (or it is this one's): replace it
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+    finally:
+        os.remove(mine)
     try:
         yield
     finally:

@@ -1256,6 +1256,13 @@ def test_pipeline_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Nothing was deleted" in err, err
     assert (data / "mine.txt").read_text() == "keep"
+    with pytest.raises(SystemExit) as e:  # a new --out: made and locked, then the missing expert is one line
+        pipeline_tool.main(["--env", "bigfish", "--preset", "tiny", "--seeds", "0", "--expert", str(tmp_path / "x.pt"),
+                            "--out", str(tmp_path / "new/pipe")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "x.pt not found" in err, err
+    assert "pipeline_config.json" in os.listdir(tmp_path / "new/pipe")
+    assert not [f for f in os.listdir(tmp_path / "new/pipe") if f.startswith("lapo.lock")]  # the lock is gone
 
 
 # ---------------------------------------------------------------------------------------------- data
