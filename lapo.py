@@ -1670,9 +1670,42 @@ def apply_preset(args):
         if rollout // args.num_minibatches < 2:
             raise LapoError(f"{args.cmd}: --num-minibatches {args.num_minibatches} leaves fewer than 2 samples per "
                             f"minibatch of a {rollout}-frame rollout")
+    check_fits(args)
     if args.cmd != "eval":
         check_out(args.out)
     return args
+
+FRAME_BYTES = 64 * 64 * 3
+ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each beyond the first 64
+
+def available_bytes(device):
+    """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
+    return None
+
+def check_fits(args):
+    """Refuse, before any work, sizes within their ranges that this machine cannot hold. Each need is a floor (the
+    batch's frames as floats, the codebooks and their distance table, the envs and one rollout of frames), so only
+    requests that surely fail are refused."""
+    needs = []
+    if args.cmd in ("stage1", "stage2"):
+        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, get_device(args)))
+    if args.cmd == "stage1":
+        k_bytes = args.num_codebooks * args.codebook_size * 4
+        needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
+                                                    // args.code_dim // args.num_codebooks), get_device(args)))
+    if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
+        steps = getattr(args, "num_steps", 1)
+        needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))
+    for flag, need, device in needs:
+        free = available_bytes(device)
+        if free is not None and need > free:
+            raise LapoError(f"{args.cmd}: {flag} asks for at least {need / 2 ** 30:.1f} GiB, but this machine's "
+                            f"{device.type} has {free / 2 ** 30:.1f} GiB free; lower it")
 
 def parse_args(argv=None):
     return apply_preset(build_parser().parse_args(argv))

@@ -1610,6 +1610,26 @@ def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
     one_line_error(run_cli("stage1", "--data", "x", "--batch-size", "0", ok=False), "--batch-size")  # a real process
 
 
+def test_sizes_that_cannot_fit_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Values inside a flag's range can still ask for more memory than the machine has (a batch of 10^12 windows, a
+    codebook of 10^9 codes, 10^6 envs): one line naming the flag, before anything is written."""
+    for argv in (["stage1", "--data", "x", "--batch-size", "1000000000000"],
+                 ["stage2", "--data", "x", "--batch-size", "1000000000000"],
+                 ["stage1", "--data", "x", "--codebook-size", "1000000000"],
+                 ["collect", "--env", "bigfish", "--num-envs", "1000000"],
+                 ["expert", "--env", "bigfish", "--frames", "100000000", "--num-envs", "1000000"]):
+        with pytest.raises(SystemExit) as e:
+            lapo.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and f"{argv[-2]} asks for at least" in err, err
+        assert not (tmp_path / "out").exists()
+    # the floor is compared with what is free: a machine with 1 GiB free refuses a batch whose frames need more
+    monkeypatch.setattr(lapo, "available_bytes", lambda device: 1 << 30)
+    assert lapo.parse_args(["stage1", "--data", "x", "--out", str(tmp_path / "a"), "--batch-size", "7000"])
+    with pytest.raises(lapo.LapoError, match="--batch-size asks for at least 1.1 GiB.* has 1.0 GiB free"):
+        lapo.parse_args(["stage1", "--data", "x", "--out", str(tmp_path / "b"), "--batch-size", "8000"])
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_unwritable_out_is_one_line(tmp_path):
     locked = tmp_path / "locked"
