@@ -307,8 +307,13 @@ def log_metrics(out, stage, metrics, line=None):
     path = os.path.join(out, "metrics.jsonl")
     line_bytes = (json.dumps(metrics) + "\n").encode()
     try:  # a failed write is cut back off, so the file never ends in half a line
-        with open(path, "ab", buffering=0) as f, ctrl_c_deferred():
+        with open(path, "a+b", buffering=0) as f, ctrl_c_deferred():
             size, done = f.seek(0, os.SEEK_END), 0
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
+                tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))
+                size = max(0, size - len(tail)) + tail.rfind(b"\n") + 1
+                f.truncate(size)
+                print(f"note: {path} ended in half a record (a killed run's); it was cut off", flush=True)
             try:
                 while done < len(line_bytes):
                     done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
@@ -319,6 +324,22 @@ def log_metrics(out, stage, metrics, line=None):
         raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
     if line:
         print(line, flush=True)
+
+def read_metrics(path):
+    """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # a whole line that is not JSON: not a torn write
+                raise LapoError(f"{path}: line {i + 1} is not a JSON record; the file is corrupt")
+            print(f"note: {path} ends in half a record (a killed run's); skipped", flush=True)
+    return records
 
 def write_json(path, obj):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))

@@ -1814,6 +1814,24 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["0.npz", "metrics.jsonl"]  # finished and renamed, then stopped
 
 
+def test_a_torn_metrics_line_is_cut_off_by_the_writer_and_skipped_by_the_reader(tmp_path, capsys):
+    """A process killed in the middle of a metrics.jsonl append leaves half a record: read_metrics skips it with a
+    note, and the next append first cuts it off instead of gluing a record onto it."""
+    lapo.log_metrics(str(tmp_path), "stage1", {"step": 1})
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "ab") as f:
+        f.write(b'{"stage": "stage1", "stage1/st')  # the killed writer's half record
+    assert [r["stage1/step"] for r in lapo.read_metrics(str(path))] == [1]
+    assert "ends in half a record" in capsys.readouterr().out
+    lapo.log_metrics(str(tmp_path), "stage1", {"step": 2})
+    assert "was cut off" in capsys.readouterr().out
+    assert [r["stage1/step"] for r in lapo.read_metrics(str(path))] == [1, 2] and path.read_bytes().endswith(b"}\n")
+    with open(path, "ab") as f:
+        f.write(b"not json\n")
+    with pytest.raises(lapo.LapoError, match="line 3 is not a JSON record"):
+        lapo.read_metrics(str(path))
+
+
 def test_interrupted_collect_leaves_nothing_a_stage_would_read(tmp_path, monkeypatch, capsys):
     """collect writes into <game>.partial and renames it to <game> when complete. Interrupted, it leaves only the
     .partial folder (no temporary files), says so in one line, and a rerun refuses until it is deleted."""

@@ -5,7 +5,6 @@ one or more pipeline folders that differ only in --stage1-steps. Also prints eac
     python results/scripts/budget_curve.py results/budget.png runs/small-starpilot runs/small-starpilot-s1x4
 """
 import glob
-import json
 import os
 import sys
 
@@ -15,15 +14,15 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 from pipeline import fmt_stats, seed_numbers, stats  # noqa: E402  (the pipeline's own per-seed numbers and mean ± SE)
 
+import lapo  # noqa: E402
+
 
 def probe_curve(path):
     """[(step, probe accuracy)] from one stage-1 metrics.jsonl; a resumed run logs a step again: the last one wins."""
     points = {}
-    with open(path) as f:
-        for line in f:
-            m = json.loads(line)
-            if "stage1/probe_acc" in m:
-                points[m["stage1/step"]] = m["stage1/probe_acc"]
+    for m in lapo.read_metrics(path):  # (skips a torn last line, with a note)
+        if "stage1/probe_acc" in m:
+            points[m["stage1/step"]] = m["stage1/probe_acc"]
     return sorted(points.items())
 
 
