@@ -1714,11 +1714,12 @@ def check_fits(args):
     requests that surely fail are refused."""
     needs = []
     if args.cmd in ("stage1", "stage2"):
-        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, get_device(args)))
+        device = get_device(args)
+        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, device))
     if args.cmd == "stage1":
         k_bytes = args.num_codebooks * args.codebook_size * 4
         needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
-                                                    // args.code_dim // args.num_codebooks), get_device(args)))
+                                                    // args.code_dim // args.num_codebooks), device))
     if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
         steps = getattr(args, "num_steps", 1)
         needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))

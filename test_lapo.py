@@ -366,9 +366,7 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
                             "--amp", "off"])  # fp32 on every CPU (bf16 autocast reached 0.74 here)
     torch.manual_seed(args.seed)  # the IDM as stage 1 starts it, on stage 1's probe windows
     untrained = lapo.build_idm(vars(args)).eval()
-    g = torch.Generator().manual_seed(12345)
-    test.sample(args.eval_windows, g)
-    probe_c = test.sample(args.probe_windows, g)
+    probe_c = lapo.stage1_test_windows(args, test)[1]
     amp = lapo.use_amp(args, torch.device("cpu"))
     z0 = lapo.idm_latents(untrained, test, probe_c, torch.device("cpu"), amp)
     acc0, majority0 = lapo.probe_accuracy(z0, test.labels(probe_c), args.seed)
@@ -1394,14 +1392,12 @@ def recomputed_summaries(run, data):
     fdm.load_state_dict(ck1["fdm"])
     fdm.eval()
     amp = lapo.use_amp(cfg1, cpu)
-    g = torch.Generator().manual_seed(12345)
-    eval_c = test.sample(cfg1.eval_windows, g)
+    eval_c, probe_c = lapo.stage1_test_windows(cfg1, test)  # the windows stage 1 evaluated on
     w = test.windows(eval_c, cpu)
     with torch.no_grad(), lapo.autocast(cpu, amp):
         pred = fdm(w[:, :2], idm(w)["zq"]).float()
     s1 = {"test_fdm_loss": F.mse_loss(pred, lapo.preprocess(w[:, 2])).item()}
-    if test.ta is not None:
-        probe_c = test.sample(cfg1.probe_windows, g)
+    if probe_c is not None:
         z = lapo.idm_latents(idm, test, probe_c, cpu, amp)
         s1["probe_acc"], s1["probe_majority"] = lapo.probe_accuracy(z, test.labels(probe_c), cfg1.seed)
     policy, ck2 = lapo.load_stage2(str(run), cpu)
