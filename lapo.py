@@ -16,7 +16,9 @@ Every command takes --preset paper|small|tiny (default paper; pipeline: small); 
 import argparse
 import contextlib
 import copy
+import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -51,52 +53,163 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
           "miner": (1.251, 11.893), "ninja": (2.560, 9.475), "plunder": (4.321, 11.461),
           "starpilot": (1.525, 66.986)}
 
-# Presets: `paper` is the paper's configuration (meant for a GPU), `small` runs on a 2-core CPU in minutes
-# and still learns useful latents, `tiny` takes seconds (tests). Keys prefixed "cmd." apply to one command.
-PRESETS = {
-    "paper": dict(
-        frames=2_621_440, test_frames=65_536,                     # 80 train chunks, like the authors' default
-        impala_scale=4, fdm_width=24, batch_size=128,
-        stage1_steps=50_000, stage2_steps=60_000, eval_every=500, ckpt_every=2000,
-        eval_windows=1024, probe_windows=4096, vq_decay=0.999, fdm_residual=0, idm_diff=0,
-        eval_episodes=64, decoder_steps=2000, bc_steps=2000, labels=[16, 64, 256, 1024], decoder_std=0,
-        amp="off",  # fp32, as the authors ran it (--amp on: bf16 autocast)
-        **{"stage1.lr": 3e-4, "stage2.lr": 2e-4,
-           "online.frames": 4_000_000, "online.num_envs": 64, "online.num_steps": 64, "online.lr": 1e-2,
-           "online.ent_coef": 0.0025, "online.schedule_scale": 1.0,
-           "expert.frames": 25_000_000, "expert.num_envs": 64, "expert.num_steps": 256, "expert.lr": 5e-4,
-           "expert.ent_coef": 0.01, "expert.impala_scale": 1, "collect.num_envs": 64}),
-    "small": dict(
-        frames=65_536, test_frames=8192,
-        impala_scale=1, fdm_width=8, batch_size=64,
-        stage1_steps=3000, stage2_steps=2000, eval_every=500, ckpt_every=500,
-        eval_windows=512, probe_windows=2048, vq_decay=0.99,  # faster EMA: 3k steps, not 50k
-        fdm_residual=1, idm_diff=1,  # for the CPU budget: see README 'Deviations'
-        # 512 evaluation episodes: starpilot's per-episode std is 2-3, so 64 left +-0.3 of noise on each mean
-        eval_episodes=512, decoder_steps=1000, bc_steps=500, labels=[16, 64, 256, 1024], decoder_std=1, amp="auto",
-        # PPO budgets sized by measurement on 2 CPU cores with bf16 (README)
-        **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,  # short runs learn faster with a higher peak LR
-           "online.frames": 131_072, "online.num_envs": 32, "online.num_steps": 64, "online.lr": 1e-2,
-           "online.ent_coef": 0.0025, "online.schedule_scale": 0.25,  # SL until 100k frames, RL head from 8.75k
-           "expert.frames": 786_432, "expert.num_envs": 32, "expert.num_steps": 128, "expert.lr": 5e-4,
-           "expert.ent_coef": 0.01, "expert.impala_scale": 0.5, "collect.num_envs": 64}),
-    "tiny": dict(
-        frames=2048, test_frames=1024,
-        impala_scale=0.25, fdm_width=4, batch_size=16,
-        stage1_steps=30, stage2_steps=30, eval_every=15, ckpt_every=15,
-        eval_windows=64, probe_windows=256, vq_decay=0.9, fdm_residual=1, idm_diff=1,
-        eval_episodes=2, decoder_steps=50, bc_steps=50, labels=[16, 64], decoder_std=1, amp="auto",
-        **{"stage1.lr": 1e-3, "stage2.lr": 5e-4,
-           "online.frames": 2048, "online.num_envs": 8, "online.num_steps": 32, "online.lr": 1e-2,
-           "online.ent_coef": 0.0025, "online.schedule_scale": 0.01,
-           "expert.frames": 2048, "expert.num_envs": 8, "expert.num_steps": 32, "expert.lr": 5e-4,
-           "expert.ent_coef": 0.01, "expert.impala_scale": 0.25, "collect.num_envs": 8, "eval_max_steps": 200}),
-}
+# Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
+# the authors' release (meant for a GPU), `small` runs on a 2-core CPU in about an hour and still learns useful
+# latents, `tiny` takes seconds (tests). Explicit flags override the preset. `--help` shows all three.
+PRESETS = ("paper", "small", "tiny")
+
+class P(tuple):
+    """A flag's value under each preset: P(paper, small, tiny)."""
+
+    def __new__(cls, paper, small, tiny):
+        return super().__new__(cls, (paper, small, tiny))
+
+def num(kind, lo=None, hi=None, lo_open=False):
+    """argparse type: an int or float in [lo, hi] ((lo, hi] with lo_open), checked when the arguments are parsed."""
+    what = "an integer" if kind is int else "a number"
+    rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    rng = "finite" if lo is None and hi is None else rng
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {rng}, got {text!r}")
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {what} {rng}, got {text}")
+        return v
+    parse.range, parse.bounds = rng, (kind, lo, hi, lo_open)  # bounds: for tests that try every flag's edges
+    return parse
+
+def int_list(text):
+    """--labels: comma-separated positive integers, e.g. 16,64,256."""
+    try:
+        vals = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        vals = []
+    if not vals or vals[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (e.g. 16,64,256), got {text!r}")
+    return vals
+
+POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
+PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
+NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
+FLAGS = []  # (option strings, commands, type, default, help, other argparse keywords)
+
+def flag(names, cmds, type=None, default=None, help="", **kw):
+    FLAGS.append((names.split(), cmds.split(), type, default, help, kw))
+
+ALL, TRAIN = "collect stage1 stage2 stage3 expert eval", "stage1 stage2"
+PPO, EVAL = "stage3 expert", "stage3 expert eval"  # (stage3's PPO flags are --mode online's)
+flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: an hour on a CPU; tiny: seconds",
+     choices=PRESETS)
+flag("--seed", ALL, SEED, 0, "seed of everything; same seed on CPU, same result")
+flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
+flag("--amp", ALL, None, P("off", "auto", "auto"), "bf16 autocast; auto: on for CUDA and CPUs with bf16 units",
+     choices=("auto", "on", "off"))
+flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
+flag("--out", "stage1 stage2 stage3", None, "runs/lapo", "run folder (checkpoints, metrics.jsonl, summaries)")
+flag("--out", "expert", None, "runs/expert", "run folder")
+flag("--resume", "stage1 stage2 stage3 expert", None, False, "continue the checkpoint in --out", action="store_true")
+flag("--track", "stage1 stage2 stage3 expert", None, False, "also log metrics and config to Weights & Biases",
+     action="store_true")
+flag("--wandb-project", "stage1 stage2 stage3 expert", None, "lapo", "W&B project, with --track")
+flag("--wandb-entity", "stage1 stage2 stage3 expert", None, None, "W&B team or user, with --track")
+# ---- data, and the training loop of stages 1 and 2
+flag("--data", TRAIN, None, None, "a game folder <root>/<game> of the layout <root>/<game>/{train,test}/<i>.npz",
+     required=True)
+flag("--data", "stage3", None, None, "offline: the game folder with action-labeled train/test chunks")
+flag("--max-chunks", "stage1 stage2 stage3", POS, None, "load at most this many train chunks")
+flag("--stage1-steps", "stage1", POS, P(50_000, 3000, 30), "training steps")
+flag("--stage2-steps", "stage2", POS, P(60_000, 2000, 30), "training steps")
+flag("--batch-size", TRAIN, POS, P(128, 64, 16), "batch")
+flag("--lr", "stage1", RATE, P(3e-4, 1e-3, 1e-3), "AdamW peak learning rate (higher for short runs)")
+flag("--lr", "stage2", RATE, P(2e-4, 5e-4, 5e-4), "AdamW peak learning rate")
+flag("--max-grad-norm", "stage1", NONNEG_F, 2.0, "gradient norm clip, 0: none")
+flag("--max-grad-norm", "stage2", NONNEG_F, 0.0, "gradient norm clip, 0: none (the authors clip stage 1 only)")
+flag("--warmup2", "stage2", NONNEG, 1000, "LR warm-up steps (0.01x -> 1x)")
+flag("--impala-scale", TRAIN, SCALE, P(4, 1, 0.25), "IMPALA CNN width multiplier")
+flag("--eval-every", TRAIN, POS, P(500, 500, 15), "steps between test loss/probe evals")
+flag("--eval-windows", TRAIN, POS, P(1024, 512, 64), "test windows for the test loss")
+flag("--ckpt-every", TRAIN, POS, P(2000, 500, 15), "steps between atomic checkpoints")
+flag("--log-every", TRAIN, POS, 50, "steps between progress lines")
+# ---- stage 1: the IDM, its VQ bottleneck, the FDM
+flag("--latent-dim", "stage1", POS, 128, "IDM latent size")
+flag("--code-dim", "stage1", POS, 16, "dims per quantized vector (128/16 = 8 vectors)")
+flag("--num-codebooks", "stage1", POS, 2, "codebooks, each for an equal share of vectors")
+flag("--codebook-size", "stage1", POS, 64, "codes per codebook")
+flag("--vq-decay", "stage1", num(float, 0, 0.99999), P(0.999, 0.99, 0.9), "EMA decay of the codebooks (small: "
+     "faster, for 3k steps instead of 50k)")
+flag("--vq-count-init", "stage1", num(float, 0, 1e6), 0.0, "initial EMA code counts (the authors: 0; 1: no early "
+     "codebook collapse, README 'Deviations')")
+flag("--commit-weight", "stage1", NONNEG_F, 0.05, "commitment loss weight")
+flag("--no-vq", "stage1", None, True, "ablation: no VQ bottleneck", action="store_false", dest="vq")
+flag("--fdm-width", "stage1", num(int, 2), P(24, 8, 4), "U-Net base width")
+flag("--idm-diff", "stage1", int, P(0, 1, 1), "1: the IDM sees (o_t, frame differences), not the 3 frames", **BIT)
+flag("--fdm-residual", "stage1", int, P(0, 1, 1), "1: the FDM predicts o_t + change, not o_{t+1}", **BIT)
+flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (half "
+     "train, half test)")
+# ---- stage 3: offline decoding, online decoding
+flag("--mode", "stage3", None, None, "offline: decoder from a few labeled frames; online: PPO in the env (RL+SL)",
+     choices=("offline", "online"), required=True)
+flag("--labels", "stage3", int_list, P([16, 64, 256, 1024], [16, 64, 256, 1024], [16, 64]), "offline: labeled "
+     "frames, comma-separated to sweep")
+flag("--decoder-std", "stage3", int, P(0, 1, 1), "1: standardize the decoder's input with its fit latents", **BIT)
+flag("--decoder-steps", "stage3", POS, P(2000, 1000, 50), "offline decoder training steps")
+flag("--baseline", "stage3", None, "none", "bc: also BC from scratch on the labels", choices=("none", "bc"))
+flag("--bc-steps", "stage3", POS, P(2000, 500, 50), "BC-from-scratch training steps")
+flag("--no-sl", "stage3", None, False, "online ablation: decoder trained by RL, no supervised step",
+     action="store_true")
+flag("--schedule-scale", "stage3", num(float, 0, 100, lo_open=True), P(1.0, 0.25, 0.01), "online: scale the LR "
+     "and decoder schedules (small: SL until 100k frames, RL head from 8.75k)")
+# ---- environments, collection and PPO (the expert, PPO from scratch, online decoding)
+flag("--env", "collect expert", None, None, f"Procgen game: {', '.join(GAMES)}", required=True)
+flag("--env", "stage3 eval", None, None, "game, when not stage 1's data folder's name (eval: the policy's game)")
+flag("--policy", "collect", None, "random", "'random' or a policy checkpoint saved by this script")
+flag("--frames", "collect", POS, P(2_621_440, 65_536, 2048), "train frames (paper: 80 chunks, as the authors')")
+flag("--test-frames", "collect", POS, P(65_536, 8192, 1024), "test-split frames")
+flag("--chunk-len", "collect", POS, 32768, "frames per train chunk (the authors': 32,768)")
+flag("--test-chunk-len", "collect", POS, 4096, "frames per test chunk (the authors': 4,096)")
+flag("--num-envs", "collect", POS, P(64, 64, 8), "parallel envs; a chunk holds one segment per env")
+flag("--frames", "stage3", POS, P(4_000_000, 131_072, 2048), "online: env frames")
+flag("--frames", "expert", POS, P(25_000_000, 786_432, 2048), "env frames (the paper's PPO-from-scratch baseline: "
+     "4M)")
+flag("--num-envs", PPO, POS, P(64, 32, 8), "parallel envs")
+flag("--num-steps", "stage3", POS, P(64, 64, 32), "steps per env per rollout")
+flag("--num-steps", "expert", POS, P(256, 128, 32), "steps per env per rollout")
+flag("--lr", "stage3", RATE, 1e-2, "online: peak Adam learning rate (each parameter group ramps to a share of it)")
+flag("--lr", "expert", RATE, 5e-4, "Adam learning rate, annealed linearly to 0")
+flag("--ent-coef", "stage3", NONNEG_F, 0.0025, "entropy bonus")
+flag("--ent-coef", "expert", NONNEG_F, 0.01, "entropy bonus")
+flag("--impala-scale", "expert", SCALE, P(1, 0.5, 0.25), "IMPALA width multiplier (cleanRL: 1)")
+flag("--num-minibatches", PPO, POS, 8, "minibatches per epoch of a PPO update")
+flag("--update-epochs", PPO, POS, 3, "epochs over each rollout")
+flag("--gamma", PPO, PROB, 0.999, "discount (Procgen episodes are long)")
+flag("--gae-lambda", PPO, PROB, 0.95, "GAE lambda")
+flag("--clip-coef", PPO, num(float, 0, 10, lo_open=True), 0.2, "policy and value clip range")
+flag("--vf-coef", PPO, NONNEG_F, 0.5, "value loss weight")
+flag("--max-grad-norm", PPO, num(float, 0, lo_open=True), 0.5, "gradient norm clip")
+flag("--ckpt-every-updates", PPO, POS, 10, "updates between atomic checkpoints")
+# ---- evaluation in the environment
+flag("--eval-episodes --episodes", EVAL, POS, P(64, 512, 2), "episodes per evaluation (small: starpilot's "
+     "per-episode std of 2-3 leaves +-0.3 of noise on a mean over 64)")
+flag("--eval-max-steps", EVAL, POS, P(None, None, 200), "cut evaluation after this many env steps")
+flag("--greedy", EVAL, None, False, "act with argmax instead of sampling", action="store_true")
+flag("--expert-return", EVAL, num(float), None, "normalize against this expert return instead of the paper's")
+flag("--checkpoint", "eval", None, None, "a policy .pt written by this script", required=True)
+
+def preset_defaults(cmd, preset):
+    """{flag: value} of one command's flags under a preset, for tools."""
+    i = PRESETS.index(preset)
+    return {kw.get("dest", names[0][2:].replace("-", "_")): d[i] if isinstance(d, P) else d
+            for names, cmds, _, d, _, kw in FLAGS if cmd in cmds}
+
 # What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
 INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp",
-                "max_chunks", "eval_every", "eval_episodes", "eval_max_steps", "func", "episodes"}
+                "max_chunks", "eval_every", "eval_episodes", "eval_max_steps", "func", "episodes", "track",
+                "wandb_project", "wandb_entity"}
 
 class LapoError(Exception):
     """A user-facing error: printed as one line by main(), never as a traceback."""
@@ -199,63 +312,51 @@ def check_out(out):
     except OSError as e:
         raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
 
-LOCK = "lapo.lock"  # in a run folder: the pid of the one process that writes it
+LOCK = "lapo.lock"  # in a run folder: flock-ed by the one process writing it, and holding that process's pid
 
-def lock_holder(folder):
-    """The pid in folder's lock file if that process is alive and not this one, else None (no lock, or stale)."""
+def _flock(path, exclusive):
+    """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
+    f = open(path, "a+" if exclusive else "r")
     try:
-        with open(os.path.join(folder, LOCK)) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, under another user
-        pass
-    return pid
-
-def _parents(path):
-    while os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-        yield path
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        pid = ""
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            pid = f.read().strip()
+        f.close()
+        folder = os.path.dirname(path)
+        raise LapoError(f"{folder} is in use by process {pid or '?'} (its {LOCK}); wait for it to end, or use "
+                        "another --out")
 
 @contextlib.contextmanager
 def run_lock(out):
-    """Own the run folder `out` while a command writes it: <out>/lapo.lock holds this pid (linked into place
-    atomically, so it is never seen empty). A second writer, into the same folder or one inside it, is refused in
-    one line; a dead process's lock is replaced."""
+    """Own the run folder `out` while a command writes it: an exclusive flock on <out>/lapo.lock, which holds this
+    pid. The kernel drops a flock when its process ends, even by SIGKILL, so a dead run's lock is never in the way.
+    A second writer, into the folder or into one inside it, is refused in one line that names the owner's pid."""
     if out is None:
         yield
         return
     check_out(out)
-    out = os.path.abspath(out)
-    path, mine = os.path.join(out, LOCK), os.path.join(out, f"{LOCK}.{os.getpid()}")
-    with open(mine, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        while True:
-            busy = [(folder, pid) for folder in [out, *_parents(out)] for pid in [lock_holder(folder)] if pid]
-            if busy:
-                raise LapoError(f"{busy[0][0]} is in use by process {busy[0][1]} (its {LOCK}); wait for it to end, "
-                                "or use another --out")
-            try:
-                os.link(mine, path)  # atomic, and fails where a lock exists
-                break
-            except FileExistsError:
-                if not lock_holder(out):  # its process is gone (or it is this one's): replace it
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-    finally:
-        os.remove(mine)
+    path = folder = os.path.join(os.path.abspath(out), LOCK)
+    while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
+        folder = os.path.dirname(folder)
+        with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
+            _flock(os.path.join(folder, LOCK), exclusive=False).close()
+    while True:
+        f = _flock(path, exclusive=True)
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break  # the file locked is still the one at the path (its last owner removes it as it ends)
+        f.close()
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)
+        os.remove(path)
+        f.close()
 
 def load_checkpoint(path, kinds):
     if not os.path.isfile(path):
@@ -322,8 +423,23 @@ def log_metrics(out, stage, metrics, line=None):
                 raise
     except OSError as e:  # a full disk: one line, like a failed checkpoint write
         raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
+    scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
+               if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for track in TRACKERS:  # the same scalars to TensorBoard, and to W&B with --track
+        track(out, scalars, int(scalars.get(f"{stage}/step", scalars.get(f"{stage}/frames", 0))))
     if line:
         print(line, flush=True)
+
+def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per run folder, kept open)
+    """TensorBoard event files in the run folder, beside metrics.jsonl: `tensorboard --logdir runs` shows them."""
+    if out not in writers:
+        from torch.utils.tensorboard import SummaryWriter  # (imported on first use: it takes 2 s)
+        writers[out] = SummaryWriter(out)
+    for k, v in scalars.items():
+        writers[out].add_scalar(k, v, step)
+    writers[out].flush()
+
+TRACKERS = [tensorboard]  # main adds W&B's logger with --track
 
 def read_metrics(path):
     """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
@@ -516,8 +632,8 @@ class FrameData:
     def labels(self, centres):
         return None if self.ta is None else self.ta[centres.cpu()]
 
-def load_split(folder, split, max_chunks=None):
-    """Load <folder>/<split>/<i>.npz (the authors' files or ours) into a FrameData, memory ~ raw frame bytes."""
+def chunk_paths(folder, split, max_chunks=None):
+    """The chunk files <folder>/<split>/<i>.npz in integer order (the first max_chunks), checked by name only."""
     if not os.path.isdir(folder):
         raise LapoError(f"data folder {folder} not found; create it with `python lapo.py collect --env GAME --out DIR` "
                         "and pass --data DIR/GAME")
@@ -533,8 +649,23 @@ def load_split(folder, split, max_chunks=None):
     same = [(a, b) for a, b in zip(names, names[1:]) if int(a[:-4]) == int(b[:-4])]
     if same:
         raise LapoError(f"{d}: {same[0][0]} and {same[0][1]} name the same chunk number; remove or rename one")
+    return [os.path.join(d, f) for f in names[:max_chunks]]
+
+def data_identity(paths):
+    """What a run trained on, cheaply: the chunks' names and sizes (recorded in its config; --resume compares it)."""
+    chunks = json.dumps([[os.path.basename(p), os.path.getsize(p)] for p in paths])
+    return f"{len(paths)} chunks, {hashlib.sha1(chunks.encode()).hexdigest()[:12]}"
+
+def data_game(folder):
+    game = os.path.basename(os.path.normpath(folder))
+    return game if game in GAMES else None
+
+def load_split(folder, split, max_chunks=None):
+    """Load <folder>/<split>/<i>.npz (the authors' files or ours) into a FrameData, memory ~ raw frame bytes."""
+    listed = chunk_paths(folder, split, max_chunks)
+    d = os.path.dirname(listed[0])
     paths, sizes, has_ta, has_done = [], [], True, False
-    for p in [os.path.join(d, f) for f in (names[:max_chunks] if max_chunks else names)]:
+    for p in listed:
         try:  # every array's .npy header, checked against obs before any frame is read
             with zipfile.ZipFile(p) as z:
                 head = {}
@@ -583,11 +714,8 @@ def load_split(folder, split, max_chunks=None):
         ends.append(o - 1)
     if ta is not None and (ta.min() < 0 or ta.max() >= NUM_ACTIONS):
         raise LapoError(f"{d}: actions 'ta' must lie in [0, {NUM_ACTIONS})")
-    game = os.path.basename(os.path.normpath(folder))
-    chunks = json.dumps([[os.path.basename(p), os.path.getsize(p)] for p in paths])  # names and sizes: cheap
-    identity = f"{len(paths)} chunks, {n} frames, {hashlib.sha1(chunks.encode()).hexdigest()[:12]}"
-    return FrameData(obs, done, ta, ends, name=f"{folder}/{split}", game=game if game in GAMES else None,
-                     identity=identity)
+    return FrameData(obs, done, ta, ends, name=f"{folder}/{split}", game=data_game(folder),
+                     identity=data_identity(listed))
 
 # ==== NETWORKS: IMPALA CNN, VQ bottleneck, IDM, FDM (U-Net), decoder, agents ==================
 class ResBlock(nn.Module):
@@ -965,12 +1093,18 @@ def stage_setup(args, train_data, device, **modules):
     return modules, params, opt, use_amp(args, device)
 
 def run_stage(stage, build, args, train, test):
-    """Load the splits, build the stage, train it with train_loop, write its summary. -> (modules, summary)"""
+    """Check that --out may take this run (a resume must continue the same configuration on the same inputs) before
+    any frame is read; then load the splits, build the stage, train it with train_loop, write its summary.
+    -> (modules, summary)"""
+    paths = {s: None if d else chunk_paths(args.data, s, args.max_chunks) for s, d in (("train", train), ("test", test))}
+    ids = {s: d.identity if d else data_identity(paths[s]) for s, d in (("train", train), ("test", test))}
+    if ids["train"] or ids["test"]:  # in the config: --resume on other data is refused
+        args.data_identity = f"train {ids['train']}; test {ids['test']}"
+    args.game = train.game if train else data_game(args.data)
+    resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
     device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
     test_data = test or load_split(args.data, "test", args.max_chunks)
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
-    if train_data.identity or test_data.identity:  # in the config: --resume on other data is refused
-        args.data_identity = f"train {train_data.identity}; test {test_data.identity}"
     summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"])
     write_summary(args.out, stage, summary)
     return [m.eval() for m in modules.values()], summary
@@ -1085,8 +1219,7 @@ def load_stage1(out, device, data_game=None):
 def build_stage2(args, train_data, test_data, device):
     """Stage 2's latent policy, optimizer, LR schedule, train step and evaluation, on the frozen IDM of stage 1."""
     idm, ck1 = load_stage1(args.out, device, train_data.game)
-    args.game, args.stage1_config = train_data.game, {k: ck1["config"][k] for k in ("latent_dim", "vq", "impala_scale")}
-    args.stage1_run = ck1.get("run_id")  # in the config: a resume on another stage-1 checkpoint is refused
+    stage2_inputs(args, ck1)
     seed_everything(args.seed)
     modules, params, opt, amp = stage_setup(args, train_data, device,
                                             policy=ImpalaCNN(3, ck1["config"]["latent_dim"], args.impala_scale))
@@ -1113,8 +1246,15 @@ def build_stage2(args, train_data, test_data, device):
 
     return modules, opt, make_lr_fn(args.stage2_steps, args.warmup2, 0.01, 0.0), train_step, evaluate
 
+def stage2_inputs(args, ck1):
+    """Stage 2's record of the stage-1 run it is built on (in its config: a resume on another one is refused)."""
+    args.stage1_config = {k: ck1["config"][k] for k in ("latent_dim", "vq", "impala_scale")}
+    args.stage1_run = ck1.get("run_id")
+
 def stage2(args, train=None, test=None):
     """Behaviour-clone the latent policy on the frozen IDM's latents. -> (policy, summary)."""
+    _, ck1 = load_stage1(args.out, torch.device("cpu"), train.game if train else data_game(args.data))
+    stage2_inputs(args, ck1)  # before run_stage's checks
     (policy,), summary = run_stage("stage2", build_stage2, args, train, test)
     return policy, summary
 
@@ -1189,13 +1329,13 @@ def stage3_offline(args):
                             "earlier ones away, or copy stage1.pt and stage2.pt into another --out")
     device = get_device(args)
     amp = use_amp(args, device)
+    _, ck1 = load_stage1(args.out, device, data_game(args.data))  # (checks that stage 1 learnt from this game)
+    policy, ck2 = load_stage2(args.out, device)
+    game = stage3_game(ck1, args)  # before anything is read or written
     train_data, test_data = load_split(args.data, "train", args.max_chunks), load_split(args.data, "test")
     for d in (train_data, test_data):
         if d.ta is None:
             raise LapoError(f"{d.name} has no action labels 'ta'; offline decoding needs a labeled set")
-    _, ck1 = load_stage1(args.out, device, train_data.game)  # (checks that stage 1 learnt from this game)
-    policy, ck2 = load_stage2(args.out, device)
-    game = stage3_game(ck1, args)  # before anything is written
     if max(args.labels) > len(train_data.centres):
         raise LapoError(f"--labels {max(args.labels)} asks for more labeled frames than the "
                         f"{len(train_data.centres)} in {train_data.name}")
@@ -1286,9 +1426,9 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
     n_updates = max(1, args.frames // (E * T))
     opt = torch.optim.Adam([{"params": p, "lr": 0.0, "name": n} for n, p, _ in groups], eps=1e-8)
     params = [p for _, ps, _ in groups for p in ps]
-    envs, norm = Envs(game, E, args.seed), RewardNormalizer(E, args.gamma)
     path, start, curve, prior = os.path.join(args.out, f"{stage}_state.pt"), 0, [], 0.0
-    ck = resume_checkpoint(path, "ppo", args)
+    ck = resume_checkpoint(path, "ppo", args)  # its refusals, before the environments start
+    envs, norm = Envs(game, E, args.seed), RewardNormalizer(E, args.gamma)
     if ck:
         prior = ck.get("wall_s", 0.0)  # seconds trained before this process
         agent.load_state_dict(ck["model"])
@@ -1511,179 +1651,42 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise LapoError(f"{self.prog}: {message} (see --help)")
 
-def num(kind, lo=None, hi=None, lo_open=False):
-    """argparse type: an int or float in [lo, hi] ((lo, hi] with lo_open), checked when the arguments are parsed."""
-    what = "an integer" if kind is int else "a number"
-    rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
-    rng = "finite" if lo is None and hi is None else rng
-
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} {rng}, got {text!r}")
-        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be {what} {rng}, got {text}")
-        return v
-    parse.range, parse.bounds = rng, (kind, lo, hi, lo_open)  # bounds: for tests that try every flag's edges
-    return parse
-
-def int_list(text):
-    """--labels: comma-separated positive integers, e.g. 16,64,256."""
-    try:
-        vals = sorted({int(x) for x in text.split(",")})
-    except ValueError:
-        vals = []
-    if not vals or vals[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (e.g. 16,64,256), got {text!r}")
-    return vals
-
-POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
-PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
-NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
+COMMANDS = {"collect": ("record Procgen rollouts in the authors' layout", collect),
+            "stage1": ("train the latent IDM + FDM (no actions used)", lambda a: stage1(a)),
+            "stage2": ("behaviour-clone the latent policy on IDM latents", lambda a: stage2(a)),
+            "stage3": ("decode latent actions: offline (labeled frames) or online (PPO)",
+                       lambda a: stage3_offline(a) if a.mode == "offline" else stage3_online(a)),
+            "expert": ("PPO from scratch on the true actions (expert, or the baseline)", expert),
+            "eval": ("evaluate any saved policy checkpoint", eval_cmd)}
 
 def build_parser():
+    """The command line, from FLAGS: every flag's --help states its range and its value under each preset."""
     p = Parser(description="LAPO: Learning to Act without Actions (single-file reference)")
     sub = p.add_subparsers(dest="cmd", required=True)
-
-    def add(sp, flags, type=None, default=None, help="", **kw):  # every numeric flag states its range in --help
-        rng = f" [{type.range}]" if hasattr(type, "range") else ""
-        sp.add_argument(*flags.split(), type=type, default=default, help=help + rng, **kw)
-
-    def common(sp, out_default, resume=True):
-        add(sp, "--preset", None, "paper", choices=PRESETS,
-            help="paper: the authors' release (GPU); small: an hour on a CPU; tiny: seconds (tests)")
-        add(sp, "--seed", SEED, 0, "seed of everything; same seed on CPU, same result")
-        add(sp, "--device", None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
-        add(sp, "--amp", None, None, "bf16 autocast (paper: off, fp32; small/tiny: auto = on for CUDA and bf16 CPUs)",
-            choices=("auto", "on", "off"))
-        add(sp, "--out", None, out_default, "run folder (checkpoints, metrics.jsonl, summaries)")
-        if resume:
-            sp.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-
-    def evaluation(sp):
-        add(sp, "--eval-episodes --episodes", POS, None, "episodes per evaluation (paper preset: 64)")
-        add(sp, "--eval-max-steps", POS, None, "cut evaluation after this many env steps")
-        sp.add_argument("--greedy", action="store_true", help="act with argmax instead of sampling")
-        add(sp, "--expert-return", num(float), None, "normalize against this expert return instead of the paper's")
-
-    def training(sp, steps_key, lr, steps_help, clip):
-        add(sp, "--data", None, None, "a game folder of the layout <root>/<game>/{train,test}/<i>.npz", required=True)
-        add(sp, "--max-chunks", POS, None, "load at most this many train chunks")
-        add(sp, f"--{steps_key.replace('_', '-')}", POS, None, steps_help)
-        add(sp, "--batch-size", POS, None, "batch (paper: 128)")
-        add(sp, "--lr", RATE, None, f"AdamW peak learning rate (paper: {lr})")
-        add(sp, "--max-grad-norm", NONNEG_F, clip, f"gradient norm clip, 0: none (paper: {clip or 'none'})")
-        add(sp, "--impala-scale", SCALE, None, "IMPALA CNN width multiplier (paper: 4)")
-        add(sp, "--eval-every", POS, None, "steps between test loss/probe evals (paper: 500)")
-        add(sp, "--eval-windows", POS, None, "test windows for the test loss")
-        add(sp, "--ckpt-every", POS, None, "steps between atomic checkpoints")
-        add(sp, "--log-every", POS, 50, "steps between progress lines")
-
-    def ppo_flags(sp, frames_help):
-        add(sp, "--frames", POS, None, frames_help)
-        add(sp, "--num-envs", POS, None, "parallel envs (paper: 64)")
-        add(sp, "--num-steps", POS, None, "steps per env per rollout")
-        add(sp, "--lr", RATE, None, "Adam learning rate")
-        add(sp, "--ent-coef", NONNEG_F, None, "entropy bonus")
-        add(sp, "--num-minibatches", POS, 8, "minibatches per epoch of a PPO update")
-        add(sp, "--update-epochs", POS, 3, "epochs over each rollout")
-        add(sp, "--gamma", PROB, 0.999, "discount (Procgen episodes are long)")
-        add(sp, "--gae-lambda", PROB, 0.95, "GAE lambda")
-        add(sp, "--clip-coef", num(float, 0, 10, lo_open=True), 0.2, "policy and value clip range")
-        add(sp, "--vf-coef", NONNEG_F, 0.5, "value loss weight")
-        add(sp, "--max-grad-norm", num(float, 0, lo_open=True), 0.5, "gradient norm clip")
-        add(sp, "--ckpt-every-updates", POS, 10, "updates between atomic checkpoints")
-
-    sp = sub.add_parser("collect", help="record Procgen rollouts in the authors' layout")
-    common(sp, "data", resume=False)
-    add(sp, "--env", None, None, f"Procgen game: {', '.join(GAMES)}", required=True)
-    add(sp, "--policy", None, "random", "'random' or a policy checkpoint saved by this script")
-    add(sp, "--frames", POS, None, "train frames (paper preset: 2,621,440 = 80 chunks)")
-    add(sp, "--test-frames", POS, None, "test-split frames")
-    add(sp, "--num-envs", POS, None, "parallel envs (paper: 64); a chunk holds one segment per env")
-    add(sp, "--chunk-len", POS, 32768, "frames per train chunk (authors: 32,768)")
-    add(sp, "--test-chunk-len", POS, 4096, "frames per test chunk (authors: 4,096)")
-    sp.set_defaults(func=collect)
-
-    sp = sub.add_parser("stage1", help="train the latent IDM + FDM (no actions used)")
-    common(sp, "runs/lapo")
-    training(sp, "stage1_steps", 3e-4, "training steps (paper: 50,000)", 2.0)
-    add(sp, "--latent-dim", POS, 128, "IDM latent size")
-    add(sp, "--code-dim", POS, 16, "dims per quantized vector (128/16 = 8 vectors)")
-    add(sp, "--num-codebooks", POS, 2, "codebooks, each for an equal share of vectors")
-    add(sp, "--codebook-size", POS, 64, "codes per codebook")
-    add(sp, "--vq-decay", num(float, 0, 0.99999), None, "EMA decay of the codebooks (paper: 0.999)")
-    add(sp, "--vq-count-init", num(float, 0, 1e6), 0.0,
-        "initial EMA code counts (paper: 0, as the authors'; 1: no early codebook collapse, README 'Deviations')")
-    add(sp, "--commit-weight", NONNEG_F, 0.05, "commitment loss weight")
-    sp.add_argument("--no-vq", dest="vq", action="store_false", help="ablation: no VQ bottleneck")
-    add(sp, "--fdm-width", num(int, 2), None, "U-Net base width (paper: 24)")
-    add(sp, "--idm-diff", int, None, "1: the IDM sees (o_t, frame differences), not the 3 frames (paper: 0)", **BIT)
-    add(sp, "--fdm-residual", int, None, "1: the FDM predicts o_t + change (paper: 0, predicts o_{t+1})", **BIT)
-    add(sp, "--probe-windows", num(int, 4), None, "labeled test windows for the probe (half train, half test)")
-    sp.set_defaults(func=lambda a: stage1(a))
-
-    sp = sub.add_parser("stage2", help="behaviour-clone the latent policy on IDM latents")
-    common(sp, "runs/lapo")
-    training(sp, "stage2_steps", 2e-4, "training steps (paper: 60,000)", 0.0)
-    add(sp, "--warmup2", NONNEG, 1000, "LR warm-up steps (0.01x -> 1x)")
-    sp.set_defaults(func=lambda a: stage2(a))
-
-    sp = sub.add_parser("stage3", help="decode latent actions: offline (labeled frames) or online (PPO)")
-    common(sp, "runs/lapo")
-    evaluation(sp)
-    add(sp, "--mode", None, None, "offline: decoder from a few labeled frames; online: PPO in the env (RL+SL)",
-        choices=("offline", "online"), required=True)
-    add(sp, "--env", None, None, "game, when stage 1's data folder is not named after one")
-    add(sp, "--data", None, None, "offline: the game folder with action-labeled train/test chunks")
-    add(sp, "--max-chunks", POS, None, "load at most this many train chunks")
-    add(sp, "--labels", int_list, None, "offline: labeled frames, comma-separated to sweep")
-    add(sp, "--decoder-std", int, None, "1: standardize the decoder's input with its fit latents (paper: 0)", **BIT)
-    add(sp, "--decoder-steps", POS, None, "offline decoder training steps")
-    add(sp, "--baseline", None, "none", "bc: also BC from scratch on the labels", choices=("none", "bc"))
-    add(sp, "--bc-steps", POS, None, "BC-from-scratch training steps")
-    sp.add_argument("--no-sl", action="store_true", help="online ablation: decoder trained by RL, no supervised step")
-    add(sp, "--schedule-scale", num(float, 0, 100, lo_open=True), None, "online: scale the LR and decoder schedules")
-    ppo_flags(sp, "online: env frames (paper: 4,000,000)")
-    sp.set_defaults(func=lambda a: stage3_offline(a) if a.mode == "offline" else stage3_online(a))
-
-    sp = sub.add_parser("expert", help="PPO from scratch on the true actions (expert, or the baseline)")
-    common(sp, "runs/expert")
-    evaluation(sp)
-    add(sp, "--env", None, None, "Procgen game", required=True)
-    add(sp, "--impala-scale", SCALE, None, "IMPALA width multiplier (cleanRL: 1)")
-    ppo_flags(sp, "env frames (expert: 25M; the paper's PPO-from-scratch baseline: 4M)")
-    sp.set_defaults(func=expert)
-
-    sp = sub.add_parser("eval", help="evaluate any saved policy checkpoint")
-    common(sp, "runs/eval", resume=False)
-    evaluation(sp)
-    add(sp, "--checkpoint", None, None, "a policy .pt written by this script", required=True)
-    add(sp, "--env", None, None, "game (default: the one the policy was trained on)")
-    sp.set_defaults(func=eval_cmd)
+    for cmd, (text, func) in COMMANDS.items():
+        sp = sub.add_parser(cmd, help=text)
+        sp.set_defaults(func=func)
+        for names, cmds, type, default, text, kw in FLAGS:
+            if cmd in cmds:
+                shown = (f" (paper {default[0]}, small {default[1]}, tiny {default[2]})" if isinstance(default, P)
+                         else "" if default is None or isinstance(default, bool) else f" (default {default})")
+                text += shown + (f" [{type.range}]" if hasattr(type, "range") else "")
+                sp.add_argument(*names, default=default, help=text, **({"type": type} if type else {}), **kw)
     return p
 
 def apply_preset(args):
-    """Fill every flag left at None from the preset (command-specific keys first), then check what one flag's range
-    cannot: combinations, and values that must match the data or the other flags."""
-    preset = PRESETS[args.preset]
-    cmd = "online" if args.cmd == "stage3" and getattr(args, "mode", None) == "online" else args.cmd
-    for k, v in vars(args).items():
-        if v is None:
-            if f"{cmd}.{k}" in preset:
-                setattr(args, k, preset[f"{cmd}.{k}"])
-            elif k in preset:
-                setattr(args, k, preset[k])
-    if args.cmd == "eval" and args.eval_episodes is None:
-        args.eval_episodes = 64
+    """Give every flag left at its P(paper, small, tiny) default the value of --preset, then check what one flag's
+    range cannot: combinations, and values that must match the data or the other flags."""
+    for k, v in list(vars(args).items()):
+        if isinstance(v, P):
+            setattr(args, k, v[PRESETS.index(args.preset)])
     if args.cmd == "stage1" and (args.latent_dim % args.code_dim
                                  or (args.latent_dim // args.code_dim) % args.num_codebooks):
         raise LapoError("stage1: --latent-dim must split into --code-dim vectors, an equal number per codebook "
                         f"(got {args.latent_dim} / {args.code_dim} over {args.num_codebooks} codebooks)")
     if args.cmd == "stage3" and args.mode == "offline" and args.data is None:
         raise LapoError("stage3 --mode offline needs --data DIR/GAME: the action-labeled frames to decode with")
-    if args.cmd == "expert" or cmd == "online":  # the commands that run PPO
+    if args.cmd == "expert" or getattr(args, "mode", None) == "online":  # the commands that run PPO
         rollout = args.num_envs * args.num_steps
         if args.frames < rollout:
             raise LapoError(f"{args.cmd}: --frames {args.frames} is less than one PPO rollout (--num-envs x "
@@ -1691,6 +1694,8 @@ def apply_preset(args):
         if rollout // args.num_minibatches < 2:
             raise LapoError(f"{args.cmd}: --num-minibatches {args.num_minibatches} leaves fewer than 2 samples per "
                             f"minibatch of a {rollout}-frame rollout")
+    if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
+        raise LapoError("--track logs to Weights & Biases, which is not installed: pip install wandb")
     check_fits(args)
     if args.cmd != "eval":
         check_out(args.out)
@@ -1739,6 +1744,11 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
     try:
         args = parse(argv)
         with run_lock(None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)):
+            if getattr(args, "track", False):
+                import wandb
+                wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
+                           name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}")
+                TRACKERS.append(lambda out, scalars, step: wandb.log(scalars))
             args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)

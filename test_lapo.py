@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1598,7 +1600,7 @@ def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
         for v in values:
             out = tmp_path / "out"
             with pytest.raises(SystemExit) as e:  # lapo.main in-process: what the CLI prints, 50x faster
-                lapo.main([*argv, "--preset", "tiny", "--out", str(out), f"{flag}={v}"])
+                lapo.main([*argv, "--preset", "tiny", *(["--out", str(out)] * (argv[0] != "eval")), f"{flag}={v}"])
             err = capsys.readouterr().err
             assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (v, err)
             assert (flag if (flag, v) != ("--code-dim", "7") else "--latent-dim") in err, err
@@ -1656,7 +1658,8 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, mo
 
 def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     """--resume continues only what a run trained on: the same chunks (by names and sizes, wherever the folder now
-    lies) and, for stage 2, the same stage-1 run. Anything else is refused in one line that says what changed."""
+    lies) and, for stage 2, the same stage-1 run. Anything else is refused in one line that says what changed, before
+    any frame is read."""
     obs, done, ta = moving_square_video(384, seed=8)
     for split, sl in (("train", slice(0, 256)), ("test", slice(256, 384))):
         for i, part in enumerate((slice(sl.start, sl.start + 64), slice(sl.start + 64, sl.stop))):
@@ -1672,7 +1675,7 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
         if obj.get("step") == 2:
             raise KeyboardInterrupt
 
-    def run(stage, data, *extra, crash=False):
+    def run(stage, data, *extra, crash=False, reads=True):
         argv = [stage, "--preset", "tiny", "--amp", "off", "--data", str(tmp_path / data), "--out", str(tmp_path / "r"),
                 f"--{stage}-steps", "4", "--ckpt-every", "2", "--eval-every", "4", "--eval-windows", "16",
                 "--probe-windows", "16", *extra]
@@ -1681,13 +1684,18 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             if crash:
                 m.setattr(lapo, "save_atomic", crash_at_2)
+            if not reads:  # a refusal comes before any frame is read
+                m.setattr(lapo, "load_split", lambda *a: pytest.fail("frames were read before the refusal"))
             return getattr(lapo, stage)(lapo.parse_args(argv))
 
     with pytest.raises(KeyboardInterrupt):
         run("stage1", "a", crash=True)
     for data, extra in (("a", ["--max-chunks", "1"]), ("other", [])):
         with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks"):
-            run("stage1", data, "--resume", *extra)
+            run("stage1", data, "--resume", *extra, reads=False)
+    for extra, refusal in (([], "already exists; pass --resume"), (["--resume", "--fdm-width", "8"], "different conf")):
+        with pytest.raises(lapo.LapoError, match=refusal):
+            run("stage1", "a", *extra, reads=False)
     assert run("stage1", "moved", "--resume")[2]["step"] == 4  # the same chunks elsewhere: resumed
     with pytest.raises(KeyboardInterrupt):
         run("stage2", "a", crash=True)
@@ -1697,7 +1705,7 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     run("stage1", "a")  # another stage-1 run takes its place
     os.rename(tmp_path / "stage2_first.pt", tmp_path / "r/stage2.pt")
     with pytest.raises(lapo.LapoError, match=f"trained on other inputs \\(stage1_run: '{first_run}' -> '"):
-        run("stage2", "a", "--resume")
+        run("stage2", "a", "--resume", reads=False)
     os.replace(tmp_path / "stage1_first.pt", tmp_path / "r/stage1.pt")  # its own stage 1 back: resumed
     assert run("stage2", "a", "--resume")[1]["step"] == 4
 
@@ -2241,3 +2249,62 @@ def test_golden_blind_spots_gradient_clip_and_weight_decay(tmp_path):
             worst_with = max(worst_with, (p.detach() - (p0 * (1 - lr * 0.01) - adam)).abs().max().item())
             worst_without = max(worst_without, (p.detach() - (p0 - adam)).abs().max().item())
         assert worst_with < 1e-6 and worst_without > 1e-4, (worst_with, worst_without)
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+def logged_scalars(folder):
+    """{tag: [(step, value)]} of every number in a run folder's metrics.jsonl, as the trackers receive them."""
+    logged = {}
+    for m in lapo.read_metrics(folder / "metrics.jsonl"):
+        stage = m["stage"]
+        step = m.get(f"{stage}/step", m.get(f"{stage}/frames"))
+        for k, v in m.items():
+            if k.startswith(f"{stage}/") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                logged.setdefault(k, []).append((step, v))
+    return logged
+
+
+def test_tensorboard_events_hold_the_logged_scalars(stage12_run):
+    """Every training command writes TensorBoard events into its run folder: the same scalars as metrics.jsonl, at
+    the same steps (so `tensorboard --logdir runs` works out of the box)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(stage12_run)).Reload()
+    logged = logged_scalars(stage12_run)
+    assert {"stage1/fdm_loss", "stage1/test_fdm_loss", "stage2/loss", "stage2/test_loss"} <= set(logged)
+    assert set(events.Tags()["scalars"]) == set(logged)
+    for tag, points in logged.items():
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert np.allclose([v for _, v in got], [v for _, v in points], rtol=1e-6, atol=0), tag  # float32 in events
+
+
+def test_track_sends_config_and_metrics_to_wandb_and_without_it_is_one_line(tmp_path, monkeypatch, capsys):
+    """--track: the run's config and every logged scalar go to W&B (a stand-in module here); without wandb installed
+    it is one line that says how to install it, before any work."""
+    obs, done, _ = moving_square_video(256, seed=5)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / f"bigfish/{split}")
+        np.savez(tmp_path / f"bigfish/{split}/0.npz", obs=obs, done=done)
+    argv = ["stage1", "--preset", "tiny", "--amp", "off", "--data", str(tmp_path / "bigfish"), "--stage1-steps", "4",
+            "--eval-every", "2", "--log-every", "2", "--track", "--wandb-project", "p"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(SystemExit) as e:
+        lapo.main([*argv, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "pip install wandb" in err, err
+    assert not (tmp_path / "a").exists()
+    runs = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: runs.append({"init": kw, "logs": []})
+    fake.log = lambda scalars: runs[-1]["logs"].append(scalars)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(lapo, "TRACKERS", [lapo.tensorboard])  # (main adds W&B's logger to this list)
+    lapo.main([*argv, "--out", str(tmp_path / "b")])
+    (run,) = runs
+    assert run["init"]["project"] == "p" and run["init"]["config"]["stage1_steps"] == 4
+    sent = {}
+    for scalars in run["logs"]:
+        for k, v in scalars.items():
+            sent.setdefault(k, []).append(v)
+    assert sent == {k: [v for _, v in points] for k, points in logged_scalars(tmp_path / "b").items()}

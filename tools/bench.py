@@ -81,7 +81,7 @@ def timed(fn, times, device):
 
 def bench(args):
     steps = (5 if args.preset == "tiny" else 10) if args.steps is None else args.steps
-    frames = min(lapo.PRESETS[args.preset]["frames"], 16384) if args.frames is None else args.frames
+    frames = min(lapo.preset_defaults("collect", args.preset)["frames"], 16384) if args.frames is None else args.frames
     device, total, res, rows = lapo.get_device(args), args.warmup + steps, {}, []
     if args.out:
         lapo.check_out(args.out)  # fail now, not after the measurements

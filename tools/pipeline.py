@@ -347,7 +347,7 @@ def report(root, game, args):
     labels = sorted({int(key[len("offline_diff_"):]) for x in per_seed.values() for key in x
                      if key.startswith("offline_diff_")})
     episodes = sorted({x.get("offline_episodes") for x in per_seed.values()} - {None})
-    eval_episodes, preset = "/".join(map(str, episodes)) or "n/a", lapo.PRESETS[args.preset]
+    eval_episodes, preset = "/".join(map(str, episodes)) or "n/a", lapo.preset_defaults("eval", args.preset)
     blind = frame_blind(root, data, game, episodes[-1] if episodes else preset["eval_episodes"],
                         preset.get("eval_max_steps"), seeds[0])
     rows = [("probe accuracy, latent IDM", "probe_latent", "acc"),  # (row name, key, kind: acc | ret | diff)
