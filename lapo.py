@@ -604,7 +604,7 @@ class FrameData:
         brk = np.asarray(done, bool).copy()
         brk[list(chunk_ends)] = True
         brk[-1] = True
-        ok = np.zeros(n, bool)
+        ok, self.breaks = np.zeros(n, bool), brk  # breaks[i]: obs[i + 1] does not continue obs[i]
         ok[1:-1] = ~brk[:-2] & ~brk[1:-1]  # o_{t-1}->o_t and o_t->o_{t+1} are both real transitions
         self.centres = torch.from_numpy(np.flatnonzero(ok))
         self.ta = None if ta is None else torch.as_tensor(np.asarray(ta), dtype=torch.int64)
@@ -1096,8 +1096,8 @@ def run_stage(stage, build, args, train, test):
     """Check that --out may take this run (a resume must continue the same configuration on the same inputs) before
     any frame is read; then load the splits, build the stage, train it with train_loop, write its summary.
     -> (modules, summary)"""
-    paths = {s: None if d else chunk_paths(args.data, s, args.max_chunks) for s, d in (("train", train), ("test", test))}
-    ids = {s: d.identity if d else data_identity(paths[s]) for s, d in (("train", train), ("test", test))}
+    given = {"train": train, "test": test}  # (tests pass FrameData; the commands read --data)
+    ids = {s: d.identity if d else data_identity(chunk_paths(args.data, s, args.max_chunks)) for s, d in given.items()}
     if ids["train"] or ids["test"]:  # in the config: --resume on other data is refused
         args.data_identity = f"train {ids['train']}; test {ids['test']}"
     args.game = train.game if train else data_game(args.data)

@@ -1815,7 +1815,8 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         lapo.write_atomic(str(path), lambda f: (f.truncate(0), f.seek(0), interrupted_write(f)))
-    assert sorted(os.listdir(tmp_path)) == ["0.npz", "metrics.jsonl"]  # finished and renamed, then stopped
+    written = sorted(f for f in os.listdir(tmp_path) if not f.startswith("events.out.tfevents"))  # (TensorBoard's)
+    assert written == ["0.npz", "metrics.jsonl"]  # finished and renamed, then stopped
 
 
 def test_a_torn_metrics_line_is_cut_off_by_the_writer_and_skipped_by_the_reader(tmp_path, capsys):
@@ -2308,3 +2309,286 @@ def test_track_sends_config_and_metrics_to_wandb_and_without_it_is_one_line(tmp_
         for k, v in scalars.items():
             sent.setdefault(k, []).append(v)
     assert sent == {k: [v for _, v in points] for k, points in logged_scalars(tmp_path / "b").items()}
+
+
+# ---------------------------------------------------------------------------------------------- videos
+videos_tool = load_tool("videos") if importlib.util.find_spec("av") else None
+needs_av = pytest.mark.skipif(videos_tool is None, reason="tools/videos.py needs PyAV: pip install av")
+
+
+def synthetic_video(path, n, seed, h=96, w=128, codec="libx264", pix_fmt="yuv420p"):
+    """A square moving over a textured background, encoded with PyAV (not the tool's writer). -> the RGB frames"""
+    import av
+    yy, xx = np.mgrid[:h, :w]
+    bg = (np.sin(xx / 5.0 + seed) * 50 + np.cos(yy / 7.0) * 50 + 128).astype(np.uint8)
+    frames = np.repeat(np.repeat(bg[None, ..., None], n, 0), 3, 3)
+    for t in range(n):
+        x, y = (6 * t + 30 * seed) % (w - 32), (4 * t) % (h - 32)
+        frames[t, y:y + 32, x:x + 32] = (255, 60 * seed, 0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=15)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        for x in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(x, format="rgb24")))
+        container.mux(stream.encode())
+    return frames
+
+
+def decode_rgb(path):
+    import av
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def small_reference(frames):
+    """(T, H, W, 3) -> (T, 64, 64, 3): short side to 64 by area averaging (torch's), centre crop. For comparison."""
+    t, h, w, _ = frames.shape
+    s = 64 / min(h, w)
+    h2, w2 = max(64, round(h * s)), max(64, round(w * s))
+    x = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(h2, w2), mode="area")
+    return x[:, :, (h2 - 64) // 2:(h2 - 64) // 2 + 64, (w2 - 64) // 2:(w2 - 64) // 2 + 64].permute(0, 2, 3, 1).numpy()
+
+
+def read_chunks(folder, split):
+    out = []
+    for p in lapo.chunk_paths(str(folder), split):
+        with np.load(p) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def videos_main(*argv):
+    """The tool's command line in-process (its one-line errors exit with code 2). -> the exit code"""
+    code = 0
+    try:
+        videos_tool.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code
+
+
+@needs_av
+def test_video_import_layout_whole_video_test_split_and_training(tmp_path, capsys, monkeypatch):
+    """Three videos (mp4, mkv, an upper-case .GIF in a subfolder, landscape and portrait) -> one chunk each of 64x64
+    frames matching the source's centre crop, done on each video's last frame only, the sidecar as 'ta', the test
+    split whole videos; stages 1 and 2 train on it. With --stride and a small chunk limit: every K-th frame and action,
+    a long video cut into chunks that stay in one split."""
+    src, root = tmp_path / "src", tmp_path / "data/vid"
+    frames = {"a.mp4": synthetic_video(src / "a.mp4", 40, 0),
+              "b.mkv": synthetic_video(src / "b.mkv", 36, 1),
+              "sub/c.GIF": synthetic_video(src / "sub/c.GIF", 30, 2, h=128, w=96, codec="gif", pix_fmt="rgb8")}
+    actions = np.arange(36) % 15
+    np.save(src / "b.actions.npy", actions)
+    (src / "notes.txt").write_text("not a video")
+    assert videos_main("import", src, "--out", root, "--test-fraction", "0.3") == 0
+    out = capsys.readouterr().out
+    assert "3 videos imported (2 train, 1 test), 0 skipped" in out and out.count("frames/s") == 3, out
+    assert sorted(os.listdir(tmp_path / "data")) == ["vid"]  # no .partial, no lock left
+    assert sorted(os.listdir(root)) == ["import_summary.json", "test", "train"]
+    summary = json.load(open(root / "import_summary.json"))
+    assert (summary["imported"], summary["skipped"], summary["decoded_frames"]) == (3, 0, 106)
+    assert summary["train"]["videos"] + summary["test"]["videos"] == 3 and summary["test"]["videos"] == 1
+    assert summary["kept_frame_bytes"] == 106 * 64 * 64 * 3 and summary["peak_rss_bytes"] > 0
+    assert summary["decoded_frames_per_s"] > 0 and summary["kept_frames_per_s"] > 0
+    decoded = {name: small_reference(decode_rgb(src / name)) for name in frames}
+    seen = []
+    for split in ("train", "test"):
+        chunks = read_chunks(root, split)
+        assert len(chunks) == summary[split]["videos"] == len(summary[split]["files"])
+        for chunk, name in zip(chunks, summary[split]["files"]):  # one chunk per video, in the summary's order
+            n = len(frames[name])
+            assert chunk["obs"].shape == (n, 64, 64, 3) and chunk["obs"].dtype == np.uint8
+            assert chunk["done"].dtype == bool and np.array_equal(chunk["done"], np.arange(n) == n - 1)
+            err = np.abs(chunk["obs"].astype(float) - decoded[name]).mean(axis=(1, 2, 3))
+            assert err.max() < 5, (name, err.max())  # this video's frames, in order, resized and cropped
+            assert ("ta" in chunk) == (name == "b.mkv")
+            if "ta" in chunk:
+                assert chunk["ta"].dtype == np.int64 and np.array_equal(chunk["ta"], actions)
+            seen.append(name)
+        data = lapo.load_split(str(root), split)
+        assert len(data) == summary[split]["frames"] == sum(len(frames[n]) for n in summary[split]["files"])
+    assert sorted(seen) == sorted(frames)  # each video once, in one split
+    common = ["--preset", "tiny", "--amp", "off", "--data", str(root), "--out", str(tmp_path / "run"),
+              "--eval-every", "2", "--eval-windows", "8", "--batch-size", "8", "--log-every", "2"]
+    s1 = lapo.stage1(lapo.parse_args(["stage1", "--stage1-steps", "2", "--probe-windows", "16", *common]))[-1]
+    s2 = lapo.stage2(lapo.parse_args(["stage2", "--stage2-steps", "2", *common]))[-1]
+    assert s1["step"] == 2 and s2["step"] == 2 and np.isfinite(s1["test_fdm_loss"]) and np.isfinite(s2["test_loss"])
+    # every 3rd frame, chunks of at most 5 kept frames: b.mkv's 12 become 5 + 5 + 2, all in one split
+    monkeypatch.setattr(videos_tool, "CHUNK", 5)
+    assert videos_main("import", src, "--out", tmp_path / "strided", "--stride", "3", "--seed", "1") == 0
+    summary = json.load(open(tmp_path / "strided/import_summary.json"))
+    assert summary["decoded_frames"] == 106 and summary["kept_frames_per_s"] < summary["decoded_frames_per_s"]
+    for split in ("train", "test"):
+        chunks, k = read_chunks(tmp_path / "strided", split), 0
+        for name in summary[split]["files"]:
+            n = -(-len(frames[name]) // 3)
+            got = chunks[k:k + -(-n // 5)]
+            k += len(got)
+            assert [len(c["obs"]) for c in got] == [5] * (n // 5) + [n % 5] * (n % 5 > 0)
+            assert all(c["done"][-1] and not c["done"][:-1].any() for c in got)
+            obs = np.concatenate([c["obs"] for c in got])
+            assert np.abs(obs.astype(float) - decoded[name][::3]).mean() < 5, name
+            if name == "b.mkv":
+                assert np.array_equal(np.concatenate([c["ta"] for c in got]), actions[::3])
+        assert k == len(chunks)
+
+
+def smooth_episodes(lengths, seed):
+    """Frames that H.264 keeps well (gradients, a moving bar), with episode ends in done and random actions."""
+    rng, n = np.random.default_rng(seed), sum(lengths)
+    t = np.arange(n)[:, None, None]
+    yy, xx = np.mgrid[:64, :64]
+    obs = np.stack([(xx * 3 + t) % 256, (yy * 3 + 2 * t) % 256, ((xx + yy) * 2 + 0 * t) % 256], -1).astype(np.uint8)
+    obs[np.arange(n), :, (np.arange(n) * 5) % 56] = 255
+    done = np.zeros(n, bool)
+    done[np.cumsum(lengths) - 1] = True
+    return obs, done, rng.integers(0, lapo.NUM_ACTIONS, n)
+
+
+@needs_av
+def test_video_export_then_import_round_trips_episodes_done_and_actions(tmp_path, capsys):
+    """export cuts a split at done flags and chunk ends; import (stride 1) reads the mp4s and sidecars back: the same
+    frame count per episode, done at the same places, identical actions, frames close (a lossy codec)."""
+    data = tmp_path / "g"
+    os.makedirs(data / "test")
+    obs, done, ta = smooth_episodes([12, 2, 9, 20, 7], seed=0)
+    done[-1] = False  # chunk 0's last episode runs on into chunk 1: the chunk end cuts it
+    np.savez(data / "test/0.npz", obs=obs, done=done, ta=ta)
+    obs1, done1, ta1 = smooth_episodes([5, 11], seed=1)
+    np.savez(data / "test/1.npz", obs=obs1, done=done1, ta=ta1)
+    episodes = [(obs[s:e], ta[s:e]) for s, e in ((0, 12), (14, 23), (23, 43), (43, 50))]  # (12, 14): 2 frames
+    episodes += [(obs1[:5], ta1[:5]), (obs1[5:], ta1[5:])]
+    assert videos_main("export", "--data", data, "--split", "test", "--out", tmp_path / "mp4") == 0
+    assert "6 episodes" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "mp4")) == sorted(f"{k}.{x}" for k in range(6) for x in ("mp4", "actions.npy"))
+    assert videos_main("import", tmp_path / "mp4", "--out", tmp_path / "back/g", "--test-fraction", "0.34") == 0
+    summary = json.load(open(tmp_path / "back/g/import_summary.json"))
+    assert summary["train"]["labels"] and summary["test"]["labels"] and summary["test"]["videos"] == 2
+    for split in ("train", "test"):
+        for chunk, name in zip(read_chunks(tmp_path / "back/g", split), summary[split]["files"], strict=True):
+            frames, actions = episodes[int(name.split(".")[0])]
+            assert np.array_equal(chunk["done"], np.arange(len(frames)) == len(frames) - 1), name
+            assert np.array_equal(chunk["ta"], actions), name
+            assert np.abs(chunk["obs"].astype(float) - frames).mean() < 6, name
+        assert lapo.load_split(str(tmp_path / "back/g"), split).ta is not None
+    os.makedirs(tmp_path / "held")  # --test-src: these videos, and only they, are the test split
+    for f in ("4.mp4", "4.actions.npy", "5.mp4", "5.actions.npy"):
+        os.rename(tmp_path / "mp4" / f, tmp_path / "held" / f)
+    assert videos_main("import", tmp_path / "mp4", "--test-src", tmp_path / "held", "--out", tmp_path / "kept/g") == 0
+    summary = json.load(open(tmp_path / "kept/g/import_summary.json"))
+    assert summary["test"]["files"] == ["4.mp4", "5.mp4"]
+    assert summary["train"]["files"] == [f"{k}.mp4" for k in range(4)]
+    assert videos_main("export", "--data", data, "--out", tmp_path / "two", "--episodes", "2") == 0
+    assert sorted(os.listdir(tmp_path / "two")) == ["0.actions.npy", "0.mp4", "1.actions.npy", "1.mp4"]
+    assert len(decode_rgb(tmp_path / "two/1.mp4")) == 9
+
+
+@needs_av
+def test_video_play_records_each_envs_first_episode_with_its_return(tmp_path, capsys, monkeypatch):
+    """play: one mp4 per env holding exactly the frames its first episode acted on (ended, or cut at --max-steps),
+    upscaled with nearest neighbour, named by that episode's return as the env itself counts it."""
+    torch.manual_seed(0)
+    lapo.save_policy(str(tmp_path / "p.pt"), lapo.ImpalaAgent(0.25), "bigfish", {"scale": 0.25})
+    made = []
+
+    class Recorded(lapo.Envs):  # records each env's first episode: its length, its return, its first frame
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.inner, self.env.step = self.env.step, self.procgen_step
+            self.t, self.length, self.gain = 0, {}, np.zeros(self.num_envs)
+            made.append(self)
+
+        def procgen_step(self, act):  # +0.5 reward per step (returns are not 0); env 1's episode ends at step 10
+            obs, rew, done, info = self.inner(act)
+            done = done.copy()
+            done[1] |= self.t == 9
+            return obs, rew + 0.5, done, info
+
+        def reset(self):
+            self.first = super().reset().copy()
+            return self.first
+
+        def step(self, actions):
+            out = super().step(actions)
+            self.t += 1
+            for e in range(self.num_envs):
+                if e not in self.length:
+                    self.gain[e] += out[1][e]
+                    if out[2][e]:
+                        self.length[e] = self.t
+            return out
+
+    monkeypatch.setattr(lapo, "Envs", Recorded)
+    assert videos_main("play", "--checkpoint", tmp_path / "p.pt", "--episodes", 2, "--max-steps", 40, "--out",
+                       tmp_path / "play") == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("play: ")]
+    (env,) = made
+    lengths = [min(env.length.get(e, 40), 40) for e in range(2)]
+    assert lengths[1] == 10 and env.t == max(lengths)  # stepped until every first episode had ended or was cut
+    assert len(printed) == 2 and sorted(os.listdir(tmp_path / "play")) == sorted(
+        f"episode{e}_return{r:.1f}.mp4" for e, r in enumerate(env.gain))
+    for e, r in enumerate(env.gain):
+        path = tmp_path / f"play/episode{e}_return{r:.1f}.mp4"
+        assert any(ln.startswith(f"play: {path}: return {r:.1f},") for ln in printed), printed
+        frames = decode_rgb(path)
+        assert len(frames) == lengths[e] and r >= 0.5 * len(frames)
+        assert frames.shape[1:] == (256, 256, 3)  # --scale 4 by default
+        big = np.repeat(np.repeat(env.first[e], 4, 0), 4, 1).astype(float)
+        assert np.abs(frames[0] - big).mean() < 3  # the first frame acted on, in 4x4 blocks (smoothed: 4.3)
+
+
+@needs_av
+def test_video_bad_input_is_one_line(tmp_path, capsys):
+    """A corrupt, an empty or a too-short video, or a sidecar of the wrong length or range: one line each, skipped
+    and counted, the rest imported. Nothing to import, or no video left for train: one line, nothing written."""
+    src = tmp_path / "src"
+    for k in range(2):
+        synthetic_video(src / f"ok{k}.mp4", 12, k)
+    (src / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (src / "empty.webm").write_bytes(b"")
+    synthetic_video(src / "short.avi", 2, 0, codec="mpeg4")  # 2 frames: no window of 3
+    synthetic_video(src / "few.mp4", 12, 1)
+    np.save(src / "few.actions.npy", np.zeros(11, np.int64))  # one action short
+    synthetic_video(src / "many.mp4", 12, 1)
+    np.save(src / "many.actions.npy", np.zeros(13, np.int64))  # one action too many
+    synthetic_video(src / "range.mov", 12, 1)
+    np.save(src / "range.actions.npy", np.full(12, lapo.NUM_ACTIONS))  # not an action
+    assert videos_main("import", src, "--out", tmp_path / "d/g") == 0
+    out = capsys.readouterr().out
+    skips = [ln for ln in out.splitlines() if ln.startswith("import: skipped")]
+    assert len(skips) == 6 and "2 videos imported (1 train, 1 test), 6 skipped" in out, out
+    for name, why in (("corrupt.mp4", "unreadable"), ("empty.webm", "empty"), ("short.avi", "a window needs 3"),
+                      ("few.mp4", "sidecar holds 11 actions"), ("many.mp4", "13 actions, the video 12 frames"),
+                      ("range.mov", "[0, 15)")):
+        assert any(ln.startswith(f"import: skipped {name}: ") and why in ln for ln in skips), (name, skips)
+    summary = json.load(open(tmp_path / "d/g/import_summary.json"))
+    assert (summary["imported"], summary["skipped"], len(summary["skipped_videos"])) == (2, 6, 6)
+    assert summary["decoded_frames"] == 24 and sorted(os.listdir(tmp_path / "d")) == ["g"]  # skipped: no chunk left
+    assert len(read_chunks(tmp_path / "d/g", "train")) == len(read_chunks(tmp_path / "d/g", "test")) == 1
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing/a.txt").write_text("x")
+    os.makedirs(tmp_path / "d/g2.partial")
+    for argv, needle in ((["import", tmp_path / "nothing", "--out", tmp_path / "n/g"], "no video files"),
+                         (["import", src, "--out", tmp_path / "d/g"], "is not empty"),
+                         (["import", src, "--out", tmp_path / "d/g2"], "interrupted import; delete it"),
+                         (["import", src, "--out", tmp_path / "n/g", "--test-fraction", "1"], "--test-fraction"),
+                         (["import", src, "--out", tmp_path / "n/g", "--stride", "0"], "--stride"),
+                         (["import", src / "ok0.mp4", "--out", tmp_path / "n/g"], "is not a folder"),
+                         (["import", src, "--out", tmp_path / "n/g", "--test-fraction", "0.95"], "none for train"),
+                         (["export", "--data", tmp_path / "d/g", "--out", src], "is not empty"),
+                         (["play", "--checkpoint", tmp_path / "x.pt", "--episodes", "0", "--out", tmp_path / "p"],
+                          "--episodes")):
+        assert videos_main(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, (argv, err)
+    assert not (tmp_path / "n/g").exists() and not (tmp_path / "n/g.partial").exists()
+    # too few readable videos is found out after decoding: one line, and the folder it made is gone
+    os.makedirs(tmp_path / "two")
+    shutil.copy(src / "ok0.mp4", tmp_path / "two")
+    shutil.copy(src / "corrupt.mp4", tmp_path / "two")
+    assert videos_main("import", tmp_path / "two", "--out", tmp_path / "n/g") == 2
+    assert "1 of 2 videos could be imported" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "n") == []
+    one_line_error(run_tool("videos", "import", tmp_path / "nothing", "--out", tmp_path / "n/g", ok=False),
+                   "no video files")  # a real process
