@@ -29,16 +29,21 @@ BASE = ["--idm-diff", "0", "--fdm-residual", "0", "--vq-count-init", "0"]
 SEEDS, LABELS = (0, 1, 2), (64, 256, 1024)
 
 
-def run(*argv):
+def run(*argv, lapo_py=os.path.join(ROOT, "lapo.py")):
     print("+ lapo.py", " ".join(argv), flush=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "lapo.py"), *argv], check=True)
+    subprocess.run([sys.executable, lapo_py, *argv], check=True)
 
 
-def piece(out, stage, argv):
+def piece_cmd(lapo_py, out, stage, argv):
     """Run one stage into `out` unless its summary exists; resume it when a checkpoint is there."""
     if os.path.exists(os.path.join(out, f"{stage}_summary.json")):
         return
-    run(stage, *argv, "--out", out, *(["--resume"] if os.path.exists(os.path.join(out, f"{stage}.pt")) else []))
+    resume = ["--resume"] if os.path.exists(os.path.join(out, f"{stage}.pt")) else []
+    run(stage, *argv, "--out", out, *resume, lapo_py=lapo_py)
+
+
+def piece(out, stage, argv):
+    piece_cmd(os.path.join(ROOT, "lapo.py"), out, stage, argv)
 
 
 def decoder_accuracy(root, seed):
