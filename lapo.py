@@ -664,7 +664,7 @@ def load_split(folder, split, max_chunks=None):
     """Load <folder>/<split>/<i>.npz (the authors' files or ours) into a FrameData, memory ~ raw frame bytes."""
     listed = chunk_paths(folder, split, max_chunks)
     d = os.path.dirname(listed[0])
-    paths, sizes, has_ta, has_done = [], [], True, False
+    paths, sizes, labeled, has_done = [], [], [], False
     for p in listed:
         try:  # every array's .npy header, checked against obs before any frame is read
             with zipfile.ZipFile(p) as z:
@@ -685,12 +685,16 @@ def load_split(folder, split, max_chunks=None):
         if shape[0] == 0:
             print(f"note: {p} holds no frames; skipped", flush=True)
             continue
-        has_ta &= "ta" in head
+        labeled.append("ta" in head)
         has_done |= "done" in head
         paths.append(p)
         sizes.append(shape[0])
     if not paths:
         raise LapoError(f"the chunks in {d} hold no frames")
+    has_ta = all(labeled)
+    if any(labeled) and not has_ta:
+        print(f"note: only {sum(labeled)} of {len(labeled)} chunks in {d} have actions 'ta'; the split is used "
+              "without labels", flush=True)
     if not has_done:
         print(f"note: {d} has no 'done' arrays: episode ends are unknown, so windows may cross them "
               "(only chunk ends are respected)", flush=True)

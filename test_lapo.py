@@ -278,7 +278,7 @@ def write_chunk(path, n, with_ta=True, seed=0):
     return arrays
 
 
-def test_load_split_is_one_contiguous_uint8_array(tmp_path):
+def test_load_split_is_one_contiguous_uint8_array(tmp_path, capsys):
     a = write_chunk(str(tmp_path / "g/train/0.npz"), 100, seed=0)
     b = write_chunk(str(tmp_path / "g/train/1.npz"), 60, seed=1)
     write_chunk(str(tmp_path / "g/train/10.npz"), 30, seed=2)  # integer order: 0, 1, 10
@@ -287,6 +287,10 @@ def test_load_split_is_one_contiguous_uint8_array(tmp_path):
     assert np.array_equal(data.obs[:100].numpy(), a["obs"]) and np.array_equal(data.obs[100:].numpy(), b["obs"])
     assert np.array_equal(data.ta.numpy(), np.concatenate([a["ta"], b["ta"]]))
     assert data.obs.untyped_storage().nbytes() == 160 * 64 * 64 * 3  # no copies beyond the raw frames
+    np.savez(tmp_path / "g/train/2.npz", obs=a["obs"][:10])  # a chunk without actions: no labels, and a note
+    data = lapo.load_split(str(tmp_path / "g"), "train")
+    assert data.ta is None and len(data) == 200
+    assert "only 3 of 4 chunks" in capsys.readouterr().out
 
 
 def test_bad_data_gives_one_line_errors(tmp_path):
@@ -2383,7 +2387,7 @@ def test_video_import_layout_whole_video_test_split_and_training(tmp_path, capsy
     (src / "notes.txt").write_text("not a video")
     assert videos_main("import", src, "--out", root, "--test-fraction", "0.3") == 0
     out = capsys.readouterr().out
-    assert "3 videos imported (2 train, 1 test), 0 skipped" in out and out.count("frames/s") == 3, out
+    assert "3 videos imported (2 train, 1 test), 0 skipped" in out and out.count("frames/s") == 4, out
     assert sorted(os.listdir(tmp_path / "data")) == ["vid"]  # no .partial, no lock left
     assert sorted(os.listdir(root)) == ["import_summary.json", "test", "train"]
     summary = json.load(open(root / "import_summary.json"))

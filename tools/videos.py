@@ -186,10 +186,12 @@ def import_videos(args):
                     "kept_frames_per_s": kept_total / wall,
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # (Linux: KiB)
                     "kept_frame_bytes": kept_total * SIZE * SIZE * 3})
-    lapo.write_summary(part, "import", summary)
+    lapo.write_json(os.path.join(part, "import_summary.json"), summary)  # (not printed: it lists every video)
     os.rename(part, root)  # (root is absent or an empty folder)
-    print(f"import: {n} videos imported ({n - n_test} train, {n_test} test), {len(skipped)} skipped -> {root}",
-          flush=True)
+    print(f"import: {n} videos imported ({n - n_test} train, {n_test} test), {len(skipped)} skipped -> {root} | "
+          f"{kept_total} frames, {decoded_total / wall:.0f} decoded frames/s | peak memory "
+          f"{summary['peak_rss_bytes'] / 2 ** 20:.0f} MiB for {summary['kept_frame_bytes'] / 2 ** 20:.0f} MiB of "
+          "frames", flush=True)
     return summary
 
 
@@ -205,7 +207,10 @@ def write_mp4(path, frames, scale=1):
                 x = np.repeat(np.repeat(x, scale, 0), scale, 1)  # nearest neighbour: sharp pixels
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format="rgb24")))
             container.mux(stream.encode())  # flush the encoder's delayed frames
-    lapo.write_atomic(path, write)
+    try:
+        lapo.write_atomic(path, write)  # (removes its temporary file on any error)
+    except av.FFmpegError as e:
+        raise lapo.LapoError(f"could not encode {path} ({e}); nothing was written")
 
 
 def export(args):
