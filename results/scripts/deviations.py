@@ -27,6 +27,8 @@ CONFIGS = {"paper": [], "idm_diff": ["--idm-diff", "1"], "fdm_residual": ["--fdm
            "vq_count_init": ["--vq-count-init", "1"]}
 BASE = ["--idm-diff", "0", "--fdm-residual", "0", "--vq-count-init", "0"]
 SEEDS, LABELS = (0, 1, 2), (64, 256, 1024)
+DECODER_STEPS = (lapo.preset_defaults("stage3", "small") if hasattr(lapo, "preset_defaults")  # (after 1675f4a)
+                 else lapo.PRESETS["small"])["decoder_steps"]
 
 
 def run(*argv, lapo_py=os.path.join(ROOT, "lapo.py")):
@@ -64,7 +66,7 @@ def decoder_accuracy(root, seed):
         z, y = lapo.policy_latents(policy, train.obs[c], "cpu", amp), train.labels(c)
         for std in (0, 1):
             torch.manual_seed(seed + n)
-            dec = lapo.fit_decoder(lapo.Decoder(), z, y, lapo.PRESETS["small"]["decoder_steps"], seed + n, std)
+            dec = lapo.fit_decoder(lapo.Decoder(), z, y, DECODER_STEPS, seed + n, std)
             result[f"std{std}_{n}"] = lapo.accuracy(dec, test_pi, test_y, "cpu")
     lapo.write_json(path, result)
     return result
