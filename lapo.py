@@ -439,7 +439,20 @@ def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per r
         writers[out].add_scalar(k, v, step)
     writers[out].flush()
 
-TRACKERS = [tensorboard]  # main adds W&B's logger with --track
+def wandb_logger(args):
+    """--track: W&B gets the same scalars. Its run starts with the first ones, when the config also holds what the
+    run trains on (the data's identity, the earlier stages' runs)."""
+    import wandb
+    started = []
+
+    def log(out, scalars, step):
+        if not started:
+            started.append(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
+                                      name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}"))
+        wandb.log(scalars)
+    return log
+
+TRACKERS = [tensorboard]  # main adds wandb_logger with --track
 
 def read_metrics(path):
     """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
@@ -1749,10 +1762,7 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
         args = parse(argv)
         with run_lock(None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)):
             if getattr(args, "track", False):
-                import wandb
-                wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
-                           name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}")
-                TRACKERS.append(lambda out, scalars, step: wandb.log(scalars))
+                TRACKERS.append(wandb_logger(args))
             args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)

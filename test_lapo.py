@@ -2308,6 +2308,7 @@ def test_track_sends_config_and_metrics_to_wandb_and_without_it_is_one_line(tmp_
     lapo.main([*argv, "--out", str(tmp_path / "b")])
     (run,) = runs
     assert run["init"]["project"] == "p" and run["init"]["config"]["stage1_steps"] == 4
+    assert run["init"]["config"]["data_identity"].startswith("train 1 chunks")  # what it trains on, as in stage1.pt
     sent = {}
     for scalars in run["logs"]:
         for k, v in scalars.items():
