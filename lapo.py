@@ -339,7 +339,8 @@ def run_lock(out):
         yield
         return
     check_out(out)
-    path = folder = os.path.join(os.path.abspath(out), LOCK)
+    folder = os.path.abspath(out)
+    path = os.path.join(folder, LOCK)
     while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
         folder = os.path.dirname(folder)
         with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
@@ -1048,11 +1049,13 @@ def make_lr_fn(total, warmup, start, end):
 def fmt_metrics(metrics):
     return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
-def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total):
-    """Shared plumbing of stages 1 and 2: resume, LR schedule, progress lines, eval, atomic checkpoints."""
+def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck=False):
+    """Shared plumbing of stages 1 and 2: resume, LR schedule, progress lines, eval, atomic checkpoints.
+    ck: the checkpoint to continue from, if run_stage already checked it (None: none)."""
     path, cfg, step, metrics = os.path.join(args.out, f"{stage}.pt"), config_of(args), 0, {}
     gen = torch.Generator().manual_seed(args.seed)  # batch sampling stream, saved for exact resume
-    ck, prior = resume_checkpoint(path, stage, args), 0.0  # prior: seconds trained before this process
+    ck = resume_checkpoint(path, stage, args) if ck is False else ck
+    prior = 0.0  # seconds trained before this process
     if ck:
         prior = ck.get("wall_s", 0.0)
         for k, m in modules.items():
@@ -1118,11 +1121,11 @@ def run_stage(stage, build, args, train, test):
     if ids["train"] or ids["test"]:  # in the config: --resume on other data is refused
         args.data_identity = f"train {ids['train']}; test {ids['test']}"
     args.game = train.game if train else data_game(args.data)
-    resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
+    ck = resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
     device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
     test_data = test or load_split(args.data, "test", args.max_chunks)
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
-    summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"])
+    summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"], ck)
     write_summary(args.out, stage, summary)
     return [m.eval() for m in modules.values()], summary
 
