@@ -455,22 +455,6 @@ def wandb_logger(args):
 
 TRACKERS = [tensorboard]  # main adds wandb_logger with --track
 
-def read_metrics(path):
-    """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:  # a whole line that is not JSON: not a torn write
-                raise LapoError(f"{path}: line {i + 1} is not a JSON record; the file is corrupt")
-            print(f"note: {path} ends in half a record (a killed run's); skipped", flush=True)
-    return records
-
 def write_json(path, obj):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 

@@ -1830,15 +1830,16 @@ def test_a_torn_metrics_line_is_cut_off_by_the_writer_and_skipped_by_the_reader(
     path = tmp_path / "metrics.jsonl"
     with open(path, "ab") as f:
         f.write(b'{"stage": "stage1", "stage1/st')  # the killed writer's half record
-    assert [r["stage1/step"] for r in lapo.read_metrics(str(path))] == [1]
+    assert [r["stage1/step"] for r in pipeline_tool.read_metrics(str(path))] == [1]
     assert "ends in half a record" in capsys.readouterr().out
     lapo.log_metrics(str(tmp_path), "stage1", {"step": 2})
     assert "was cut off" in capsys.readouterr().out
-    assert [r["stage1/step"] for r in lapo.read_metrics(str(path))] == [1, 2] and path.read_bytes().endswith(b"}\n")
+    assert [r["stage1/step"] for r in pipeline_tool.read_metrics(str(path))] == [1, 2]
+    assert path.read_bytes().endswith(b"}\n")
     with open(path, "ab") as f:
         f.write(b"not json\n")
     with pytest.raises(lapo.LapoError, match="line 3 is not a JSON record"):
-        lapo.read_metrics(str(path))
+        pipeline_tool.read_metrics(str(path))
 
 
 def test_interrupted_collect_leaves_nothing_a_stage_would_read(tmp_path, monkeypatch, capsys):
@@ -2260,7 +2261,7 @@ def test_golden_blind_spots_gradient_clip_and_weight_decay(tmp_path):
 def logged_scalars(folder):
     """{tag: [(step, value)]} of every number in a run folder's metrics.jsonl, as the trackers receive them."""
     logged = {}
-    for m in lapo.read_metrics(folder / "metrics.jsonl"):
+    for m in pipeline_tool.read_metrics(folder / "metrics.jsonl"):
         stage = m["stage"]
         step = m.get(f"{stage}/step", m.get(f"{stage}/frames"))
         for k, v in m.items():

@@ -267,6 +267,23 @@ def seed_numbers(d):
     return x
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # a whole line that is not JSON: not a torn write
+                raise lapo.LapoError(f"{path}: line {i + 1} is not a JSON record; the file is corrupt")
+            print(f"note: {path} ends in half a record (a killed run's); skipped", flush=True)
+    return records
+
+
 def stats(values):
     """Mean, standard error (None below 2 values) and n over seeds; missing values are left out."""
     v = np.array([x for x in values if x is not None], float)

@@ -12,15 +12,13 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import fmt_stats, seed_numbers, stats  # noqa: E402  (the pipeline's own per-seed numbers and mean ± SE)
-
-import lapo  # noqa: E402
+from pipeline import fmt_stats, read_metrics, seed_numbers, stats  # noqa: E402  (the pipeline's own helpers)
 
 
 def probe_curve(path):
     """[(step, probe accuracy)] from one stage-1 metrics.jsonl; a resumed run logs a step again: the last one wins."""
     points = {}
-    for m in lapo.read_metrics(path):  # (skips a torn last line, with a note)
+    for m in read_metrics(path):  # (skips a torn last line, with a note)
         if "stage1/probe_acc" in m:
             points[m["stage1/step"]] = m["stage1/probe_acc"]
     return sorted(points.items())
