@@ -59,8 +59,6 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
 PRESETS = ("paper", "small", "tiny")
 
 class P(tuple):
-    """A flag's value under each preset: P(paper, small, tiny)."""
-
     def __new__(cls, paper, small, tiny):
         return super().__new__(cls, (paper, small, tiny))
 
@@ -207,8 +205,8 @@ def preset_defaults(cmd, preset):
 # What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
 INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
-RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp",
-                "max_chunks", "eval_every", "eval_episodes", "eval_max_steps", "func", "episodes", "track",
+RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
+                "eval_every", "eval_episodes", "eval_max_steps", "greedy", "expert_return", "func", "episodes", "track",
                 "wandb_project", "wandb_entity"}
 
 class LapoError(Exception):
@@ -312,7 +310,7 @@ def check_out(out):
     except OSError as e:
         raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
 
-LOCK = "lapo.lock"  # in a run folder: flock-ed by the one process writing it, and holding that process's pid
+LOCK = "lapo.lock"
 
 def _flock(path, exclusive):
     """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
@@ -472,10 +470,8 @@ def write_summary(out, name, summary):
     print(json.dumps(summary), flush=True)
 
 def normalized_return(game, mean_return, expert_return=None):
-    if game not in SCORES:
-        return None
-    lo, hi = SCORES[game]
-    return (mean_return - lo) / ((hi if expert_return is None else expert_return) - lo)
+    lo, hi = SCORES[game][0], SCORES[game][1] if expert_return is None else expert_return
+    return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
 
 # ==== DATA: Procgen environments, collection in the authors' layout, loading, windows =========
 def check_game(game):
@@ -489,7 +485,10 @@ class Envs:
         check_game(game)
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # gym 0.26 prints a deprecation banner on import
-            from procgen import ProcgenEnv
+            try:
+                from procgen import ProcgenEnv
+            except ImportError:
+                raise LapoError("procgen is not installed: pip install -r requirements.txt") from None
         self.env = ProcgenEnv(num_envs=num_envs, env_name=game, distribution_mode="easy",
                               num_levels=0, start_level=0, rand_seed=int(seed))
         self.num_envs = num_envs
@@ -996,7 +995,7 @@ class OnlineAgent(Agent):
         self.fc.load_state_dict(self.policy.fc.state_dict())
 
     @torch.no_grad()
-    def encode(self, obs):  # the frozen conv trunk: the costly part, computed once per frame by PPO
+    def encode(self, obs):  # the frozen conv trunk
         return self.policy.conv(preprocess(obs))
 
     def heads(self, trunk):
@@ -1101,13 +1100,14 @@ def run_stage(stage, build, args, train, test):
     any frame is read; then load the splits, build the stage, train it with train_loop, write its summary.
     -> (modules, summary)"""
     given = {"train": train, "test": test}  # (tests pass FrameData; the commands read --data)
-    ids = {s: d.identity if d else data_identity(chunk_paths(args.data, s, args.max_chunks)) for s, d in given.items()}
+    ids = {s: d.identity if d else data_identity(chunk_paths(args.data, s, args.max_chunks if s == "train" else None))
+           for s, d in given.items()}
     if ids["train"] or ids["test"]:  # in the config: --resume on other data is refused
         args.data_identity = f"train {ids['train']}; test {ids['test']}"
     args.game = train.game if train else data_game(args.data)
     ck = resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
     device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
-    test_data = test or load_split(args.data, "test", args.max_chunks)
+    test_data = test or load_split(args.data, "test")
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
     summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"], ck)
     write_summary(args.out, stage, summary)
@@ -1152,10 +1152,12 @@ def build_fdm(cfg):
     return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
 
 def stage1_test_windows(args, test_data):
-    """Stage 1's fixed held-out windows: the test loss's, then the probe's (None where the test split has no labels)."""
+    """Stage 1's fixed held-out windows: the test loss's, then the probe's (None where the test split has no labels),
+    drawn without replacement so that no window is in both halves of the probe."""
     g = torch.Generator().manual_seed(12345)
-    eval_c = test_data.sample(args.eval_windows, g)
-    return eval_c, test_data.sample(args.probe_windows, g) if test_data.ta is not None else None
+    eval_c, centres = test_data.sample(args.eval_windows, g), test_data.centres
+    probe_c = centres[torch.randperm(len(centres), generator=g)[:args.probe_windows].to(centres.device)]
+    return eval_c, probe_c if test_data.ta is not None else None
 
 def stage1_lr_fn(steps):
     """Stage 1's LR multiplier (the authors'): warm-up 0.1x -> 1x over 50 steps, then linear to 0.01x at the end."""
@@ -1428,6 +1430,7 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
     device = get_device(args)
     amp, E, T = use_amp(args, device), args.num_envs, args.num_steps
     n_updates = max(1, args.frames // (E * T))
+    agent.to(device)  # before the optimizer: a resumed Adam state is moved to its parameters' device
     opt = torch.optim.Adam([{"params": p, "lr": 0.0, "name": n} for n, p, _ in groups], eps=1e-8)
     params = [p for _, ps, _ in groups for p in ps]
     path, start, curve, prior = os.path.join(args.out, f"{stage}_state.pt"), 0, [], 0.0
@@ -1442,7 +1445,6 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         if extra_state is not None:
             extra_state["load"](ck["extra"])
         print(f"{stage}: resumed at update {start} (environments restart fresh)", flush=True)
-    agent.to(device)
     obs_buf = torch.zeros((T + 1, E, 64, 64, 3), dtype=torch.uint8, device=device)
     act_buf, logp_buf, val_buf, rew_buf, done_buf = (torch.zeros((T, E), device=device) for _ in range(5))
     obs = torch.from_numpy(envs.reset()).to(device)
@@ -1456,7 +1458,7 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         for t in range(T):  # ---- rollout
             obs_buf[t] = obs
             with torch.no_grad(), autocast(device, amp):
-                enc = agent.encode(obs_buf[t])  # frozen features (online decoding) or the stored frames themselves
+                enc = agent.encode(obs_buf[t])
                 logits, value = agent.heads(enc)
             enc_buf.append(enc)
             dist = torch.distributions.Categorical(logits=logits.float())
@@ -1631,7 +1633,7 @@ def evaluate_agent(agent, game, args, path=None):
         torch.manual_seed(args.seed + 20_000)
         rets = evaluate_policy(agent, game, args.eval_episodes, args.seed + 20_000, device, use_amp(args, device),
                                sample=not args.greedy, max_steps=args.eval_max_steps)
-    mean, norm = float(np.mean(rets)), None
+    mean = float(np.mean(rets))
     out = {"eval_mean_return": mean, "eval_std_return": float(np.std(rets)), "eval_episodes": len(rets),
            "eval_normalized_return": normalized_return(game, mean, args.expert_return), "eval_returns": rets,
            "eval_s": time.time() - t0}

@@ -377,9 +377,10 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
     z0 = lapo.idm_latents(untrained, test, probe_c, torch.device("cpu"), amp)
     acc0, majority0 = lapo.probe_accuracy(z0, test.labels(probe_c), args.seed)
     _, _, summary = lapo.stage1(args, train, test)
-    # measured (AMD EPYC with AVX-512 BF16, 2 cores, fp32): untrained 0.40, trained 0.934; majority 0.211
+    # measured (AMD EPYC with AVX-512 BF16, 2 cores, fp32): untrained 0.238, trained 0.912; majority 0.195. (Probe
+    # windows drawn with replacement put copies of a window in both halves: the untrained IDM then read 0.40.)
     assert summary["probe_majority"] == majority0 < 0.3
-    assert 0.3 < acc0 < 0.5, acc0
+    assert acc0 < 0.3, acc0
     assert summary["probe_acc"] > 0.9, summary
 
 
@@ -1694,8 +1695,9 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         run("stage1", "a", crash=True)
-    for data, extra in (("a", ["--max-chunks", "1"]), ("other", [])):
-        with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks"):
+    for data, extra, now in (("a", ["--max-chunks", "1"], "train 1 chunks, \\w+; test 2"), ("other", [], "train 2")):
+        with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks, \\w+; "
+                           f"test 2 chunks, \\w+' -> '{now}"):  # (--max-chunks cuts the train split only)
             run("stage1", data, "--resume", *extra, reads=False)
     for extra, refusal in (([], "already exists; pass --resume"), (["--resume", "--fdm-width", "8"], "different conf")):
         with pytest.raises(lapo.LapoError, match=refusal):
