@@ -54,8 +54,8 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
           "starpilot": (1.525, 66.986)}
 
 # Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
-# the authors' release (meant for a GPU), `small` runs on a 2-core CPU in about an hour and still learns useful
-# latents, `tiny` takes seconds (tests). Explicit flags override the preset. `--help` shows all three.
+# the authors' release (meant for a GPU), `small` the same modules sized for an hour on a 2-core CPU, `tiny` takes
+# seconds (tests). Explicit flags override the preset. `--help` shows all three.
 PRESETS = ("paper", "small", "tiny")
 
 class P(tuple):
@@ -91,7 +91,7 @@ def int_list(text):
 
 POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
 PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
-NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
+NONNEG_F = num(float, 0)
 FLAGS = []  # (option strings, commands, type, default, help, other argparse keywords)
 
 def flag(names, cmds, type=None, default=None, help="", **kw):
@@ -138,13 +138,9 @@ flag("--num-codebooks", "stage1", POS, 2, "codebooks, each for an equal share of
 flag("--codebook-size", "stage1", POS, 64, "codes per codebook")
 flag("--vq-decay", "stage1", num(float, 0, 0.99999), P(0.999, 0.99, 0.9), "EMA decay of the codebooks (small: "
      "faster, for 3k steps instead of 50k)")
-flag("--vq-count-init", "stage1", num(float, 0, 1e6), 0.0, "initial EMA code counts (the authors: 0; 1: no early "
-     "codebook collapse, README 'Deviations')")
 flag("--commit-weight", "stage1", NONNEG_F, 0.05, "commitment loss weight")
 flag("--no-vq", "stage1", None, True, "ablation: no VQ bottleneck", action="store_false", dest="vq")
 flag("--fdm-width", "stage1", num(int, 2), P(24, 8, 4), "U-Net base width")
-flag("--idm-diff", "stage1", int, P(0, 1, 1), "1: the IDM sees (o_t, frame differences), not the 3 frames", **BIT)
-flag("--fdm-residual", "stage1", int, P(0, 1, 1), "1: the FDM predicts o_t + change, not o_{t+1}", **BIT)
 flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (half "
      "train, half test)")
 # ---- stage 3: offline decoding, online decoding
@@ -152,7 +148,6 @@ flag("--mode", "stage3", None, None, "offline: decoder from a few labeled frames
      choices=("offline", "online"), required=True)
 flag("--labels", "stage3", int_list, P([16, 64, 256, 1024], [16, 64, 256, 1024], [16, 64]), "offline: labeled "
      "frames, comma-separated to sweep")
-flag("--decoder-std", "stage3", int, P(0, 1, 1), "1: standardize the decoder's input with its fit latents", **BIT)
 flag("--decoder-steps", "stage3", POS, P(2000, 1000, 50), "offline decoder training steps")
 flag("--baseline", "stage3", None, "none", "bc: also BC from scratch on the labels", choices=("none", "bc"))
 flag("--bc-steps", "stage3", POS, P(2000, 500, 50), "BC-from-scratch training steps")
@@ -372,6 +367,9 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     if not isinstance(ck, dict) or ck.get("kind") not in kinds:
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
+    gone = [k for k in ("idm_diff", "fdm_residual", "vq_count_init", "decoder_std") if (ck.get("config") or {}).get(k)]
+    if gone:  # (flags removed on 2026-11-30: none beat the paper's modules at small scale)
+        raise LapoError(f"{path} was made with --{gone[0].replace('_', '-')}, which lapo.py no longer has; retrain it")
     return ck
 
 def config_of(args):
@@ -755,8 +753,7 @@ class VectorQuantizer(nn.Module):
     (of 2, 64 codes each) quantizes vectors [4g, 4g+4). Codes move only by EMA (train mode), never by
     gradients; the encoder gets the straight-through gradient plus a commitment loss."""
 
-    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5,
-                 count_init=0.0):
+    def __init__(self, latent_dim=128, code_dim=16, num_codebooks=2, codebook_size=64, decay=0.999, eps=1e-5):
         super().__init__()
         n_vec = latent_dim // code_dim
         assert latent_dim % code_dim == 0 and n_vec % num_codebooks == 0, "latent must split evenly"
@@ -764,10 +761,10 @@ class VectorQuantizer(nn.Module):
         self.decay, self.eps = decay, eps
         init = (torch.rand(self.G, self.K, self.D) * 2 - 1) * 5 / 64
         self.register_buffer("codebook", init)
-        # EMA of code counts: from 0 as theirs (then every code unused in step 1 is divided by a tiny count and
-        # leaves, for ~1/(1-decay) steps); count_init > 0 (a small-scale deviation) keeps the codebook at its init
-        self.register_buffer("cluster_size", torch.full((self.G, self.K), float(count_init)))
-        self.register_buffer("embed_sum", init * (count_init or 1.0))  # EMA of sums of the latents assigned
+        # EMA of code counts, from 0 as theirs: every code unused in step 1 is divided by a tiny count and leaves for
+        # ~1/(1-decay) steps (an early collapse to a few codes, which a faster decay shortens in short runs)
+        self.register_buffer("cluster_size", torch.zeros(self.G, self.K))
+        self.register_buffer("embed_sum", init.clone())  # EMA of sums of the latents assigned
 
     def forward(self, z):
         """z (B, latent) -> (z_q straight-through, commitment loss, code indices (B, 8), perplexity)."""
@@ -798,27 +795,17 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.K * self.eps) * n)
         self.codebook.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
 
-DIFF_GAIN = 8.0  # frame differences are small (most pixels do not change); scale them to the frames' range
-
 class IDM(nn.Module):
-    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q.
-    diff_input feeds (o_t, o_t - o_{t-1}, o_{t+1} - o_t) instead of the frames (paper): the same information (an
-    invertible linear map), but the change, which carries the action, stands out from a bright static background."""
+    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999, diff_input=False, vq_count_init=0.0):
+                 vq_decay=0.999):
         super().__init__()
-        self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
-        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay,
-                                  count_init=vq_count_init) if vq else None
+        self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay) if vq else None
 
     def forward(self, window):
-        x = preprocess(window)
-        if self.diff_input:
-            prev, cur, nxt = x[:, :3], x[:, 3:6], x[:, 6:]
-            x = torch.cat([cur, DIFF_GAIN * (cur - prev), DIFF_GAIN * (nxt - cur)], 1)
-        z = self.encoder(x)
+        z = self.encoder(preprocess(window))
         if self.vq is None:  # the paper's no-VQ ablation: the FDM sees the continuous latent
             zero = z.new_zeros((), dtype=torch.float32)
             return {"z": z, "zq": z, "commit": zero, "perplexity": zero}
@@ -859,7 +846,7 @@ class FDM(nn.Module):
     Up blocks concatenate their skip (deepest first: z itself at 1x1, then the down blocks' outputs) and double the
     size. Head: cat(x, frames) -> conv3x3 -> ResBlock -> ReLU -> conv1x1 -> tanh/2. z enters at input and bottleneck."""
 
-    def __init__(self, latent_dim=128, width=24, residual=False):
+    def __init__(self, latent_dim=128, width=24):
         super().__init__()
         w = [width * 2 ** i for i in range(5)]
         first = nn.Conv2d(6 + latent_dim, w[0], 3, padding=1)  # one conv over 134 channels: one fan-in, as theirs
@@ -874,10 +861,6 @@ class FDM(nn.Module):
         self.up = nn.ModuleList([UNetBlock(i + s, o, down=False) for i, s, o in zip(ins, skips, outs)])
         self.head = nn.Sequential(nn.Conv2d(w[0] + 6, w[0], 3, padding=1), ResBlock(w[0], w[0] // 2), nn.ReLU(),
                                   nn.Conv2d(w[0], 3, 1))
-        self.residual = residual
-        if residual:  # start as an exact copy of o_t, so all learning goes into what changes
-            nn.init.zeros_(self.head[-1].weight)
-            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, frames, zq):
         """frames uint8 (B, 2, H, W, C) = (o_{t-1}, o_t); zq (B, latent) -> prediction of o_{t+1} in [-0.5, 0.5]."""
@@ -889,15 +872,11 @@ class FDM(nn.Module):
         x = self.mid(x)
         for block, skip in zip(self.up, [zq[:, :, None, None]] + skips[::-1]):  # z, then the skips deepest first
             x = block(torch.cat([x, skip], 1))
-        out = self.head(torch.cat([x, x_in.to(x.dtype)], 1))
-        if self.residual:  # o_{t+1} = o_t + change (the change lies in [-1, 1])
-            return x_in[:, 3:].to(out.dtype) + torch.tanh(out)
-        return torch.tanh(out) / 2  # the paper's output, in the range of the scaled frames
+        return torch.tanh(self.head(torch.cat([x, x_in.to(x.dtype)], 1))) / 2  # in the range of the scaled frames
 
 class Decoder(nn.Module):
     """Latent action z (128) -> logits over the 15 real actions: the only part that ever sees actions. A plain MLP
-    on the raw latents (paper); fit_input (--decoder-std 1) standardizes its input with the latents it is fit on,
-    because latents are small (per-dimension std ~0.02) and an MLP on inputs that small learns slowly."""
+    on the raw latents, as the authors'."""
 
     def __init__(self, latent_dim=128, hidden=(192, 128, 64)):
         super().__init__()
@@ -906,20 +885,9 @@ class Decoder(nn.Module):
             layers += [nn.Linear(c, h), nn.ReLU()]
             c = h
         self.net = nn.Sequential(*layers, nn.Linear(c, NUM_ACTIONS))
-        self.register_buffer("mean", torch.zeros(latent_dim))  # identity unless fit_input is called
-        self.register_buffer("std", torch.ones(latent_dim))
-
-    def fit_input(self, z, standardize=True):
-        # The std is floored at 0.1x the latents' RMS: a dimension that never varied in z (in a collapsed IDM, all
-        # of them) must not blow the policy's tiny deviations up until the decoder saturates.
-        if standardize:
-            z = z.float()
-            self.mean.copy_(z.mean(0))
-            self.std.copy_(z.std(0).clamp_min(0.1 * z.pow(2).mean().sqrt().item()) + 1e-6)
-        return self
 
     def forward(self, z):
-        return self.net((z.float() - self.mean) / self.std)
+        return self.net(z.float())
 
 def orthogonal(layer, gain):
     nn.init.orthogonal_(layer.weight, gain)
@@ -1144,12 +1112,11 @@ def probe_accuracy(z, y, seed=0, steps=300):
     return acc, majority
 
 def build_idm(cfg):
-    return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"],
-               cfg["num_codebooks"], cfg["codebook_size"], cfg["vq_decay"],
-               bool(cfg.get("idm_diff", 0)), cfg.get("vq_count_init", 0.0))
+    return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"], cfg["num_codebooks"],
+               cfg["codebook_size"], cfg["vq_decay"])
 
 def build_fdm(cfg):
-    return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
+    return FDM(cfg["latent_dim"], cfg["fdm_width"])
 
 def stage1_test_windows(args, test_data):
     """Stage 1's fixed held-out windows: the test loss's, then the probe's (None where the test split has no labels),
@@ -1289,9 +1256,9 @@ def train_classifier(model, inputs, labels, steps, batch, lr, seed, smoothing=0.
         optimize(opt, F.cross_entropy(logits.float(), labels[idx].to(device), label_smoothing=smoothing))
     return model.eval()
 
-def fit_decoder(decoder, z, labels, steps, seed, standardize):
+def fit_decoder(decoder, z, labels, steps, seed):
     """The decoder's supervised fit, offline and online alike (the authors': Adam 1e-3, batch 512, smoothing 0.05)."""
-    return train_classifier(decoder.fit_input(z, standardize), z, labels, steps, 512, 1e-3, seed)
+    return train_classifier(decoder, z, labels, steps, 512, 1e-3, seed)
 
 def accuracy(model, inputs, labels, device, batch=512):
     pred = in_batches(lambda x: logits_of(model(x.to(device))).argmax(-1), inputs, device, False, batch)
@@ -1360,7 +1327,7 @@ def stage3_offline(args):
         torch.manual_seed(args.seed + n)  # the decoder's initial weights: same seed, same result
         agent = DecodedAgent(**arch)
         agent.policy.load_state_dict(policy.state_dict())
-        fit_decoder(agent.decoder, z, y, args.decoder_steps, args.seed + n, args.decoder_std)
+        fit_decoder(agent.decoder, z, y, args.decoder_steps, args.seed + n)
         agent = agent.to(device).eval()
         row = {"method": "lapo", "labels": n, "test_acc": accuracy(agent.decoder, test_pi, test_y, device)}
         results.append({**row, **save_and_evaluate(args, f"decoded_{n}", agent, game, arch, labels=n)})
@@ -1572,10 +1539,7 @@ def stage3_online(args):
     store = {"z": [], "a": []}  # (IDM latent, action taken) pairs of all online transitions so far
 
     def on_update(ctx):
-        if not agent.sl:  # no SL: PPO trains the decoder (from the RL head's ramp on, so after this first update)
-            if ctx["update"] == 0:
-                agent.decoder.fit_input(policy_latents(policy, ctx["obs"].flatten(0, 1), device, amp),
-                                        args.decoder_std)
+        if not agent.sl:  # no SL: PPO trains the decoder (from the RL head's ramp on)
             return {}
         # ALGO LOGIC (SL): label online transitions with the frozen IDM, retrain the decoder from scratch.
         if ctx["frames"] > 400_000 * s:
@@ -1591,7 +1555,7 @@ def stage3_online(args):
             torch.manual_seed(seed)
             dec = Decoder(arch["latent_dim"])
         epochs3 = 3 * math.ceil(len(a) / 512)  # 3 epochs of batch 512, as the authors
-        fit_decoder(dec, z, a, epochs3, seed, args.decoder_std)
+        fit_decoder(dec, z, a, epochs3, seed)
         agent.decoder.load_state_dict(dec.state_dict())
         return {"decoder_pairs": len(a), "decoder_train_acc": accuracy(dec, z[-4096:], a[-4096:], "cpu")}
 

@@ -67,6 +67,16 @@ def extra_flags(text):
     return cmd, argv, changed
 
 
+KINDS = ("stage1", "stage2", "offline", "online", "supervised", "PPO")  # --only: words of the steps' names
+
+
+def step_kinds(text):
+    kinds = text.split(",")
+    if not set(kinds) <= set(KINDS):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(KINDS)}, comma-separated; got {text!r}")
+    return kinds
+
+
 def parse(argv=None):
     p = lapo.Parser(description=__doc__.split("\n")[0])  # its errors are LapoErrors: one line, exit 2
     p.add_argument("--env", default="starpilot", help="Procgen game (the README explains the default)")
@@ -80,6 +90,8 @@ def parse(argv=None):
                    help="extra lapo.py flags for one command (repeatable), e.g. stage1='--stage1-steps 12000': stage1 "
                    "flags reach the latent and the supervised IDM, stage3 flags offline and online decoding and PPO "
                    f"from scratch's budget (--frames); CMD is one of {', '.join(PLACEHOLDER)}")
+    p.add_argument("--only", type=step_kinds, default=None, metavar="KINDS", help="run only these steps of every seed "
+                   f"(after the expert and the data), comma-separated from {', '.join(KINDS)}; no report")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     p.add_argument("--amp", choices=("auto", "on", "off"), default=None, help="bf16 autocast (default: the preset's)")
     p.set_defaults(func=pipeline)
@@ -211,7 +223,11 @@ def pipeline(args):
     # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
     ex = lapo.read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
     for s in plan(args, x, [] if ex is None else ["--expert-return", ex])[1 + (not args.expert):]:
-        step(*s)
+        if not args.only or any(k in s[0] for k in args.only):
+            step(*s)
+    if args.only:
+        return print(f"pipeline: --only {','.join(args.only)} done; run again without --only for the rest and the "
+                     "report", flush=True)
     report(root, game, args)
 
 
