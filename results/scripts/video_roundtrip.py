@@ -1,10 +1,11 @@
 """Issue 24's round trip: what lossy video costs stage 1. A `small` pipeline's starpilot data (its expert's, the data
 the README's results come from) is exported to H.264 mp4 at the codec's default quality with its action sidecars,
-imported again (the same train/test split, kept with --test-src), and stage 1 trains on it exactly as the pipeline's
-own stage 1 did on the raw frames, 3 seeds. A queue of resumable pieces: run it again and it continues.
+imported again (the same train/test split, kept with --test-src), and stage 1 and the supervised IDM (the probe's
+ceiling: how much of the action the frames still show) train on it exactly as the pipeline's own did on the raw
+frames, 3 seeds. A queue of resumable pieces: run it again and it continues.
 
-    python tools/pipeline.py --env starpilot --preset small --seeds 0,1,2 --only stage1 --out runs/small-starpilot
-    python results/scripts/video_roundtrip.py runs/small-starpilot            # then: --report
+    python tools/pipeline.py --env starpilot --preset small --seeds 0,1,2 --only stage1,supervised --out runs/sp
+    python results/scripts/video_roundtrip.py runs/sp [--latent-only]   # then: --report
 """
 import os
 import subprocess
@@ -29,12 +30,13 @@ def probe(path):
 
 
 def report(root):
-    raw = {s: probe(os.path.join(root, f"seed{s}", "lapo")) for s in SEEDS}
-    rt = {s: probe(os.path.join(root, "video", f"seed{s}")) for s in SEEDS}
-    diff = [rt[s] - raw[s] for s in SEEDS if rt[s] is not None and raw[s] is not None]
-    print(f"raw frames  probe {stats(raw.values())} | per seed {list(raw.values())}")
-    print(f"via mp4     probe {stats(rt.values())} | per seed {list(rt.values())}")
-    print(f"paired mp4 - raw: {stats(diff)}")
+    for kind in ("lapo", "supervised"):
+        raw = {s: probe(os.path.join(root, f"seed{s}", kind)) for s in SEEDS}
+        rt = {s: probe(os.path.join(root, "video", f"seed{s}", kind)) for s in SEEDS}
+        diff = [rt[s] - raw[s] for s in SEEDS if rt[s] is not None and raw[s] is not None]
+        print(f"{kind}: raw frames  probe {stats(raw.values())} | per seed {list(raw.values())}")
+        print(f"{kind}: via mp4     probe {stats(rt.values())} | per seed {list(rt.values())}")
+        print(f"{kind}: paired mp4 - raw: {stats(diff)}")
     imp = lapo.read_json(os.path.join(root, "video", "data", "starpilot", "import_summary.json")) or {}
     for k in ("decoded_frames_per_s", "kept_frames_per_s", "peak_rss_bytes", "kept_frame_bytes", "wall_s"):
         print(f"import {k}: {imp.get(k)}")
@@ -51,12 +53,14 @@ def main():
     if not os.path.exists(os.path.join(data, "import_summary.json")):
         run("tools/videos.py", "import", os.path.join(mp4, "train"), "--test-src", os.path.join(mp4, "test"),
             "--out", data)
-    for seed in SEEDS:  # the pipeline's stage-1 command line, on the imported frames
-        out = os.path.join(root, "video", f"seed{seed}")
-        if probe(out) is None:
-            resume = ["--resume"] if os.path.exists(os.path.join(out, "stage1.pt")) else []
-            run("lapo.py", "stage1", "--data", data, "--out", out, "--preset", "small", "--device", "auto", "--seed",
-                str(seed), *resume)
+    kinds = [("lapo", "lapo.py", "stage1"), ("supervised", "tools/diagnose.py", "supervised-idm")]
+    for kind, script, cmd in kinds[:1 if "--latent-only" in sys.argv else 2]:
+        for seed in SEEDS:  # the pipeline's command lines, on the imported frames
+            out = os.path.join(root, "video", f"seed{seed}", kind)
+            if probe(out) is None:
+                resume = ["--resume"] if os.path.exists(os.path.join(out, "stage1.pt")) else []
+                run(script, cmd, "--data", data, "--out", out, "--preset", "small", "--device", "auto", "--seed",
+                    str(seed), *resume)
     report(root)
 
 
