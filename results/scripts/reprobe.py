@@ -1,7 +1,8 @@
 """The probe again, on finished stage-1 runs, with its windows drawn without replacement. Until commit bcc511d (the
 review fixes of 2026-11-30) the probe's windows were drawn with replacement, so a window could sit in both its train
 and its test half. This script measures both ways on each run's final IDM: the old windows (it reproduces the
-summary's probe_acc) and the new ones, and prints mean ± SE per configuration and the paired differences.
+summary's probe_acc) and the new ones, and prints mean ± SE per configuration and the paired differences. Run it
+with a copy of the lapo.py that trained the runs beside it (runs with flags removed since: a checkout of 1675f4a).
 
     python results/scripts/reprobe.py RUNS [RUNS ...]   # folders holding stage1.pt; grouped by name without -s<seed>
 """
@@ -33,8 +34,10 @@ def reprobe(run, splits):
     idm.load_state_dict(ck["idm"])
     amp = lapo.use_amp(args, torch.device("cpu"))  # as the run evaluated
     g = torch.Generator().manual_seed(12345)
-    test.sample(args.eval_windows, g)
-    windows = {"old": test.sample(args.probe_windows, g), "new": lapo.stage1_test_windows(args, test)[1]}
+    test.sample(args.eval_windows, g)  # stage 1 draws the test loss's windows first
+    state, windows = g.get_state(), {"old": test.sample(args.probe_windows, g)}  # with replacement (until bcc511d)
+    g.set_state(state)
+    windows["new"] = test.centres[torch.randperm(len(test.centres), generator=g)[:args.probe_windows]]  # without
     result = {"summary": (lapo.read_json(os.path.join(run, "stage1_summary.json")) or {}).get("probe_acc")}
     for name, c in windows.items():
         z = lapo.idm_latents(idm, test, c, torch.device("cpu"), amp)

@@ -5,7 +5,7 @@ ceiling: how much of the action the frames still show) train on it exactly as th
 frames, 3 seeds. A queue of resumable pieces: run it again and it continues.
 
     python tools/pipeline.py --env starpilot --preset small --seeds 0,1,2 --only stage1,supervised --out runs/sp
-    python results/scripts/video_roundtrip.py runs/sp [--latent-only]   # then: --report
+    python results/scripts/video_roundtrip.py runs/sp [--supervised-only]   # then: --report
 """
 import os
 import subprocess
@@ -53,8 +53,8 @@ def main():
     if not os.path.exists(os.path.join(data, "import_summary.json")):
         run("tools/videos.py", "import", os.path.join(mp4, "train"), "--test-src", os.path.join(mp4, "test"),
             "--out", data)
-    kinds = [("lapo", "lapo.py", "stage1"), ("supervised", "tools/diagnose.py", "supervised-idm")]
-    for kind, script, cmd in kinds[:1 if "--latent-only" in sys.argv else 2]:
+    kinds = [("supervised", "tools/diagnose.py", "supervised-idm"), ("lapo", "lapo.py", "stage1")]
+    for kind, script, cmd in kinds[:1 if "--supervised-only" in sys.argv else 2]:
         for seed in SEEDS:  # the pipeline's command lines, on the imported frames
             out = os.path.join(root, "video", f"seed{seed}", kind)
             if probe(out) is None:
