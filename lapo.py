@@ -54,8 +54,9 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
           "starpilot": (1.525, 66.986)}
 
 # Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
-# the authors' release (meant for a GPU), `small` the same modules sized for an hour on a 2-core CPU, `tiny` takes
-# seconds (tests). Explicit flags override the preset. `--help` shows all three.
+# the authors' release (meant for a GPU), `small` is sized for an hour on a 2-core CPU and turns on the two module
+# deviations that measurably help there (README 'Deviations'), `tiny` takes seconds (tests). Explicit flags override
+# the preset. `--help` shows all three.
 PRESETS = ("paper", "small", "tiny")
 
 class P(tuple):
@@ -91,7 +92,7 @@ def int_list(text):
 
 POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
 PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
-NONNEG_F = num(float, 0)
+NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
 FLAGS = []  # (option strings, commands, type, default, help, other argparse keywords)
 
 def flag(names, cmds, type=None, default=None, help="", **kw):
@@ -141,6 +142,8 @@ flag("--vq-decay", "stage1", num(float, 0, 0.99999), P(0.999, 0.99, 0.9), "EMA d
 flag("--commit-weight", "stage1", NONNEG_F, 0.05, "commitment loss weight")
 flag("--no-vq", "stage1", None, True, "ablation: no VQ bottleneck", action="store_false", dest="vq")
 flag("--fdm-width", "stage1", num(int, 2), P(24, 8, 4), "U-Net base width")
+flag("--idm-diff", "stage1", int, P(0, 1, 1), "1: the IDM sees (o_t, frame differences), not the 3 frames", **BIT)
+flag("--fdm-residual", "stage1", int, P(0, 1, 1), "1: the FDM predicts o_t + change, not o_{t+1}", **BIT)
 flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (half "
      "train, half test)")
 # ---- stage 3: offline decoding, online decoding
@@ -367,8 +370,8 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     if not isinstance(ck, dict) or ck.get("kind") not in kinds:
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
-    gone = [k for k in ("idm_diff", "fdm_residual", "vq_count_init", "decoder_std") if (ck.get("config") or {}).get(k)]
-    if gone:  # (flags removed on 2026-11-30: none beat the paper's modules at small scale)
+    gone = [k for k in ("vq_count_init", "decoder_std") if (ck.get("config") or {}).get(k)]
+    if gone:  # (flags removed on 2026-11-30: neither beat the paper's modules at small scale)
         raise LapoError(f"{path} was made with --{gone[0].replace('_', '-')}, which lapo.py no longer has; retrain it")
     return ck
 
@@ -795,17 +798,27 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.K * self.eps) * n)
         self.codebook.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
 
+DIFF_GAIN = 8.0  # frame differences are small (most pixels do not change); scale them to the frames' range
+
 class IDM(nn.Module):
-    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q."""
+    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q.
+    diff_input (a small-scale deviation) feeds (o_t, o_t - o_{t-1}, o_{t+1} - o_t) instead of the frames: the same
+    information (an invertible linear map), but the change, which carries the action, stands out from a bright
+    static background."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999):
+                 vq_decay=0.999, diff_input=False):
         super().__init__()
+        self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
         self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay) if vq else None
 
     def forward(self, window):
-        z = self.encoder(preprocess(window))
+        x = preprocess(window)
+        if self.diff_input:
+            prev, cur, nxt = x[:, :3], x[:, 3:6], x[:, 6:]
+            x = torch.cat([cur, DIFF_GAIN * (cur - prev), DIFF_GAIN * (nxt - cur)], 1)
+        z = self.encoder(x)
         if self.vq is None:  # the paper's no-VQ ablation: the FDM sees the continuous latent
             zero = z.new_zeros((), dtype=torch.float32)
             return {"z": z, "zq": z, "commit": zero, "perplexity": zero}
@@ -846,7 +859,7 @@ class FDM(nn.Module):
     Up blocks concatenate their skip (deepest first: z itself at 1x1, then the down blocks' outputs) and double the
     size. Head: cat(x, frames) -> conv3x3 -> ResBlock -> ReLU -> conv1x1 -> tanh/2. z enters at input and bottleneck."""
 
-    def __init__(self, latent_dim=128, width=24):
+    def __init__(self, latent_dim=128, width=24, residual=False):
         super().__init__()
         w = [width * 2 ** i for i in range(5)]
         first = nn.Conv2d(6 + latent_dim, w[0], 3, padding=1)  # one conv over 134 channels: one fan-in, as theirs
@@ -861,6 +874,10 @@ class FDM(nn.Module):
         self.up = nn.ModuleList([UNetBlock(i + s, o, down=False) for i, s, o in zip(ins, skips, outs)])
         self.head = nn.Sequential(nn.Conv2d(w[0] + 6, w[0], 3, padding=1), ResBlock(w[0], w[0] // 2), nn.ReLU(),
                                   nn.Conv2d(w[0], 3, 1))
+        self.residual = residual
+        if residual:  # (a small-scale deviation) start as an exact copy of o_t: all learning goes into the change
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, frames, zq):
         """frames uint8 (B, 2, H, W, C) = (o_{t-1}, o_t); zq (B, latent) -> prediction of o_{t+1} in [-0.5, 0.5]."""
@@ -872,7 +889,10 @@ class FDM(nn.Module):
         x = self.mid(x)
         for block, skip in zip(self.up, [zq[:, :, None, None]] + skips[::-1]):  # z, then the skips deepest first
             x = block(torch.cat([x, skip], 1))
-        return torch.tanh(self.head(torch.cat([x, x_in.to(x.dtype)], 1))) / 2  # in the range of the scaled frames
+        out = self.head(torch.cat([x, x_in.to(x.dtype)], 1))
+        if self.residual:  # o_{t+1} = o_t + change (the change lies in [-1, 1])
+            return x_in[:, 3:].to(out.dtype) + torch.tanh(out)
+        return torch.tanh(out) / 2  # the paper's output, in the range of the scaled frames
 
 class Decoder(nn.Module):
     """Latent action z (128) -> logits over the 15 real actions: the only part that ever sees actions. A plain MLP
@@ -1113,10 +1133,10 @@ def probe_accuracy(z, y, seed=0, steps=300):
 
 def build_idm(cfg):
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"], cfg["num_codebooks"],
-               cfg["codebook_size"], cfg["vq_decay"])
+               cfg["codebook_size"], cfg["vq_decay"], bool(cfg.get("idm_diff", 0)))
 
 def build_fdm(cfg):
-    return FDM(cfg["latent_dim"], cfg["fdm_width"])
+    return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
 
 def stage1_test_windows(args, test_data):
     """Stage 1's fixed held-out windows: the test loss's, then the probe's (None where the test split has no labels),

@@ -185,7 +185,7 @@ def test_paper_preset_has_the_authors_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # the authors' stage-2 network also carries an unused 256 -> 1 value head (257 parameters): 3,682,177
     assert (count(idm), count(fdm), count(policy)) == (3_685_376, 7_814_139, 3_681_920)
-    assert a1.amp == "off" and a1.vq_decay == 0.999
+    assert a1.amp == "off" and a1.idm_diff == 0 and a1.fdm_residual == 0 and a1.vq_decay == 0.999
 
 
 def test_fdm_structure_skips_latent_and_output_range():
@@ -229,6 +229,12 @@ def test_tiled_latent_conv_equals_concat_then_conv():
     bound = 1 / (134 * 9) ** 0.5
     for w in (fdm.down[0].conv.weight, fdm.z_in.weight):
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+def test_fdm_residual_option_starts_as_a_copy():
+    fdm = lapo.FDM(128, 4, residual=True)
+    frames = torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8)
+    assert torch.allclose(fdm(frames, torch.randn(2, 128)), lapo.preprocess(frames)[:, 3:])
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -359,6 +365,7 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
     args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", "unused", "--out", str(tmp_path),
                             "--stage1-steps", "300", "--batch-size", "32", "--eval-every", "300",
                             "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3",
+                            "--idm-diff", "0", "--fdm-residual", "0",  # the paper's IDM input and FDM output
                             "--amp", "off"])  # fp32 on every CPU (bf16 autocast reached 0.74 here)
     torch.manual_seed(args.seed)  # the IDM as stage 1 starts it, on stage 1's probe windows
     untrained = lapo.build_idm(vars(args)).eval()
@@ -1555,7 +1562,7 @@ CROSS_FLAG_CASES = [
 
 def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
     cases = numeric_flags()
-    assert len(cases) >= 81, len(cases)  # 81 (command, flag) pairs since the four deviation flags went
+    assert len(cases) >= 83, len(cases)  # 83 (command, flag) pairs since two deviation flags went
     for argv, flag, bad, edges in cases:
         for v in edges:  # the declared range is the real one: its ends parse
             lapo.build_parser().parse_args([*argv, f"{flag}={v}"])
@@ -1741,8 +1748,8 @@ def test_a_shared_checkpoint_never_runs_code(tmp_path):
     back = lapo.RewardNormalizer(3, 0.9)
     back.load_state_dict(lapo.load_checkpoint(str(tmp_path / "n.pt"), ("ppo",))["norm"])
     assert np.array_equal(back.ret, norm.ret) and (back.count, back.mean, back.var) == (norm.count, norm.mean, norm.var)
-    torch.save({"kind": "stage1", "config": {"idm_diff": 1}}, tmp_path / "old.pt")  # a flag lapo.py no longer has
-    with pytest.raises(lapo.LapoError, match="made with --idm-diff, which lapo.py no longer has; retrain it"):
+    torch.save({"kind": "stage1", "config": {"vq_count_init": 1}}, tmp_path / "old.pt")  # a flag lapo.py no longer has
+    with pytest.raises(lapo.LapoError, match="made with --vq-count-init, which lapo.py no longer has; retrain it"):
         lapo.load_checkpoint(str(tmp_path / "old.pt"), ("stage1",))
 
 
@@ -2092,7 +2099,7 @@ def test_golden_config_is_lapos_paper_preset(tmp_path):
                      c["vq_decay"], c["vq_count_init"])  # (lapo's EMA counts start at 0)
     assert (args.latent_dim, args.code_dim, args.num_codebooks, args.codebook_size, args.impala_scale, args.fdm_width) \
         == (c["latent_dim"], c["code_dim"], c["num_codebooks"], c["codebook_size"], c["impala_scale"], c["fdm_width"])
-    assert args.amp == "off" and args.vq
+    assert args.amp == "off" and args.idm_diff == 0 and args.fdm_residual == 0 and args.vq
     mods = golden_modules(g, args)
     counts = {m: sum(p.numel() for p in mod.parameters()) for m, mod in mods.items()}
     assert counts == {m: c[f"params_{m}"] for m in ("idm", "fdm", "policy", "decoder")}
