@@ -986,7 +986,8 @@ def test_offline_decoding_beats_majority_when_the_frame_shows_the_action(tmp_pat
     com = ["--preset", "tiny", "--data", str(tmp_path / "vid"), "--out", str(tmp_path / "run"), "--seed", str(seed),
            "--amp", "off"]  # fp32: the same numbers on CPUs with and without bf16 units
     lapo.stage1(lapo.parse_args(["stage1", *com, "--stage1-steps", "60", "--eval-every", "60", "--log-every", "100",
-                                 "--probe-windows", "16", "--eval-windows", "16"]))
+                                 "--probe-windows", "16", "--eval-windows", "16", "--idm-diff", "0", "--fdm-residual",
+                                 "0"]))  # the paper's modules
     _, s2 = lapo.stage2(lapo.parse_args(["stage2", *com, "--stage2-steps", "200", "--eval-every", "200",
                                          "--log-every", "100", "--warmup2", "0", "--lr", "2e-3"]))
     assert s2["test_loss"] < 0.8 * s2["test_loss_mean_baseline"], s2  # pi(o_t) predicts the latent
@@ -1401,10 +1402,11 @@ def test_supervised_idm_diagnostic(tmp_path, capsys):
     train, test = lapo.FrameData(obs[:2048], done[:2048], ta[:2048]), lapo.FrameData(obs[2048:], done[2048:], ta[2048:])
     argv = ["--preset", "tiny", "--data", "x", "--out", str(tmp_path)]
     args = diagnose_tool.parse(["supervised-idm", *argv, "--stage1-steps", "600", "--amp", "off", "--eval-every",
-                                "600", "--probe-windows", "512", "--log-every", "600"])
+                                "600", "--probe-windows", "512", "--log-every", "600", "--idm-diff", "0"])
     _, _, s = args.func(args, train, test)
-    # measured (AMD EPYC with AVX-512 BF16, fp32): test_acc 0.86, probe_acc 0.92, majority 0.16 after 600 steps; 0.36
-    # and 0.49 after 300 (an untrained IDM's probe: 0.24, see test_stage1_recovers_actions_from_video_alone)
+    # measured (AMD EPYC with AVX-512 BF16, fp32, the paper's IDM input): test_acc 0.86, probe_acc 0.92, majority 0.16
+    # after 600 steps; 0.36 and 0.49 after 300 (an untrained IDM's probe: 0.24, see
+    # test_stage1_recovers_actions_from_video_alone)
     assert "test_fdm_loss" not in s and s["probe_majority"] < 0.3
     assert s["test_acc"] > 0.6 and s["probe_acc"] > 0.7, s
     with pytest.raises(lapo.LapoError, match="supervised-IDM diagnostic"):
