@@ -11,7 +11,8 @@ table says why, on the same held-out frames: the action's share of each latent's
 of the per-action means over the total variance, i.e. the R^2 of a linear fit on the one-hot action) for the IDM
 latents z, for pi(o_t), and for what pi leaves unexplained (z - pi(o_t)), next to the share of z's variance pi
 explains; a third the same for z's first principal component alone. No env steps, so it takes about a minute
-per seed on 2 CPU cores (more at large label counts).
+per seed on 2 CPU cores (more at large label counts). Ran at commit 10d5c45, when the decoder standardized its
+input (`fit_decoder(..., True)`); that option left in 51fe7f3, so check 10d5c45 out to rerun it.
 
     python results/scripts/decoder_diag.py runs/small-starpilot-t05 starpilot 0 1 2
     LABELS=64301 python results/scripts/decoder_diag.py ...   # other label counts (64301: every train frame)
