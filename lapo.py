@@ -471,7 +471,8 @@ def write_summary(out, name, summary):
     print(json.dumps(summary), flush=True)
 
 def normalized_return(game, mean_return, expert_return=None):
-    lo, hi = SCORES[game][0], SCORES[game][1] if expert_return is None else expert_return
+    lo, hi = SCORES[game]
+    hi = hi if expert_return is None else expert_return
     return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
 
 # ==== DATA: Procgen environments, collection in the authors' layout, loading, windows =========
