@@ -1600,6 +1600,31 @@ def test_sizes_that_cannot_fit_are_refused_before_any_work(tmp_path, capsys, mon
         lapo.parse_args(["stage1", "--data", "x", "--out", str(tmp_path / "b"), "--batch-size", "8000"])
 
 
+def test_train_split_moves_to_the_gpu_only_when_it_fits_twice(monkeypatch):
+    """On a GPU the frames move to the device only when they take at most half its free memory; otherwise they stay
+    in host memory and only the batches move (the paper's 2.6M frames are 32 GB). The free memory is mocked."""
+    class Recorder:  # stands in for the frame tensors: records where it was sent
+        def __init__(self, n):
+            self.n, self.sent = n, []
+
+        def numel(self):
+            return self.n
+
+        def to(self, device):
+            self.sent.append(device)
+            return self
+
+    cuda = torch.device("cuda")
+    for free, moved in ((2 * 1000, True), (2 * 1000 - 1, False), (None, False)):
+        data = lapo.FrameData(np.zeros((4, 64, 64, 3), np.uint8), np.zeros(4, bool))
+        data.obs, data.centres = Recorder(1000), Recorder(2)
+        monkeypatch.setattr(lapo, "available_bytes", lambda device: free)
+        data.to(cuda)
+        assert data.obs.sent == ([cuda] if moved else []) and data.centres.sent == data.obs.sent, free
+    data.to(torch.device("cpu"))  # the CPU: nothing to move, whatever is free
+    assert data.obs.sent == []
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_unwritable_out_is_one_line(tmp_path):
     locked = tmp_path / "locked"
