@@ -370,9 +370,6 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     if not isinstance(ck, dict) or ck.get("kind") not in kinds:
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
-    gone = [k for k in ("vq_count_init", "decoder_std") if (ck.get("config") or {}).get(k)]
-    if gone:  # (flags removed on 2026-11-30: neither beat the paper's modules at small scale)
-        raise LapoError(f"{path} was made with --{gone[0].replace('_', '-')}, which lapo.py no longer has; retrain it")
     return ck
 
 def config_of(args):

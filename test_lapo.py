@@ -1775,9 +1775,6 @@ def test_a_shared_checkpoint_never_runs_code(tmp_path):
     back = lapo.RewardNormalizer(3, 0.9)
     back.load_state_dict(lapo.load_checkpoint(str(tmp_path / "n.pt"), ("ppo",))["norm"])
     assert np.array_equal(back.ret, norm.ret) and (back.count, back.mean, back.var) == (norm.count, norm.mean, norm.var)
-    torch.save({"kind": "stage1", "config": {"vq_count_init": 1}}, tmp_path / "old.pt")  # a flag lapo.py no longer has
-    with pytest.raises(lapo.LapoError, match="made with --vq-count-init, which lapo.py no longer has; retrain it"):
-        lapo.load_checkpoint(str(tmp_path / "old.pt"), ("stage1",))
 
 
 @contextlib.contextmanager
