@@ -204,7 +204,7 @@ def preset_defaults(cmd, preset):
 INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
-                "eval_every", "eval_episodes", "eval_max_steps", "greedy", "expert_return", "func", "episodes", "track",
+                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return", "func", "episodes", "track",
                 "wandb_project", "wandb_entity"}
 
 class LapoError(Exception):
@@ -222,8 +222,10 @@ def get_device(args):
     return torch.device(args.device)
 
 def bf16_fast(device):
-    """Does this device run bf16 fast: CUDA, or a CPU with bf16 units (AMX/AVX512-BF16)?"""
-    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Does this device run bf16 fast: a GPU or a CPU with bf16 units (Ampere or later; AMX or AVX512-BF16)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 def use_amp(args, device):
     """bf16 autocast: --amp auto turns it on where the hardware runs it fast."""
@@ -257,6 +259,14 @@ def optimize(opt, loss, params=None, max_norm=math.inf):
     norm = None if params is None else nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
     return norm
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Draw from torch's random streams seeded with `seed`, then put every stream back (the GPU's too): a side job
+    (the probe, a decoder's initial weights, evaluation) never shifts the training's own random stream."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
@@ -1104,7 +1114,12 @@ def load_stage(out, stage):
     path = os.path.join(out, f"{stage}.pt")
     if not os.path.exists(path):
         raise LapoError(f"no stage-{stage[-1]} checkpoint {path}; run `python lapo.py {stage} --out {out} ...` first")
-    return path, load_checkpoint(path, (stage,))
+    ck = load_checkpoint(path, (stage,))
+    total = (ck.get("config") or {}).get(f"{stage}_steps", ck.get("step"))
+    if ck.get("step") != total:  # a killed run's last checkpoint: no later stage builds on it
+        raise LapoError(f"{path} stopped at step {ck.get('step')} of {total}; finish it first (the same `python lapo.py "
+                        f"{stage}` command with --resume)")
+    return path, ck
 
 def idm_latents(idm, data, centres, device, amp, batch=256):
     """Continuous (pre-quantization) IDM latents of the windows centred at `centres` -> float32 (n, 128) CPU."""
@@ -1117,8 +1132,7 @@ def probe_accuracy(z, y, seed=0, steps=300):
     n = len(z) // 2
     mean, std = z[:n].mean(0), z[:n].std(0) + 1e-6
     ztr, zte, ytr, yte = (z[:n] - mean) / std, (z[n:] - mean) / std, y[:n], y[n:]
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # leaves the training RNG stream untouched
-        torch.manual_seed(seed)
+    with seeded(seed), torch.enable_grad():
         mlp = nn.Sequential(nn.Linear(z.shape[1], 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                             nn.Linear(128, NUM_ACTIONS))
         opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -1250,8 +1264,11 @@ def stage2(args, train=None, test=None):
     (policy,), summary = run_stage("stage2", build_stage2, args, train, test)
     return policy, summary
 
-def load_stage2(out, device):
-    _, ck = load_stage(out, "stage2")
+def load_stage2(out, device, ck1=None):
+    """The latent policy of <out>/stage2.pt; with ck1, refused unless it was trained on that stage-1 run."""
+    path, ck = load_stage(out, "stage2")
+    if ck1 is not None and ck["config"].get("stage1_run") != ck1.get("run_id"):
+        raise LapoError(f"{path} was trained on another stage-1 run than {out}/stage1.pt; run stage 2 again")
     policy = ImpalaCNN(3, ck["config"]["stage1_config"]["latent_dim"], ck["config"]["impala_scale"])
     policy.load_state_dict(ck["policy"])
     return policy.to(device).eval().requires_grad_(False), ck
@@ -1322,7 +1339,7 @@ def stage3_offline(args):
     device = get_device(args)
     amp = use_amp(args, device)
     _, ck1 = load_stage1(args.out, device, data_game(args.data))  # (checks that stage 1 learnt from this game)
-    policy, ck2 = load_stage2(args.out, device)
+    policy, ck2 = load_stage2(args.out, device, ck1)
     game = stage3_game(ck1, args)  # before anything is read or written
     train_data, test_data = load_split(args.data, "train", args.max_chunks), load_split(args.data, "test")
     for d in (train_data, test_data):
@@ -1421,7 +1438,7 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
     params = [p for _, ps, _ in groups for p in ps]
     path, start, curve, prior = os.path.join(args.out, f"{stage}_state.pt"), 0, [], 0.0
     ck = resume_checkpoint(path, "ppo", args)  # its refusals, before the environments start
-    envs, norm = Envs(game, E, args.seed), RewardNormalizer(E, args.gamma)
+    norm = RewardNormalizer(E, args.gamma)
     if ck:
         prior = ck.get("wall_s", 0.0)  # seconds trained before this process
         agent.load_state_dict(ck["model"])
@@ -1430,7 +1447,11 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         start, curve = ck["update"], ck["curve"]
         if extra_state is not None:
             extra_state["load"](ck["extra"])
-        print(f"{stage}: resumed at update {start} (environments restart fresh)", flush=True)
+        # fresh environments on new levels, and new action samples: a resume never replays the run's start
+        norm.ret[:] = 0.0  # (the running returns belonged to the old episodes; the statistics stay)
+        torch.manual_seed(args.seed + start)
+        print(f"{stage}: resumed at update {start} (environments restart fresh, seed {args.seed + start})", flush=True)
+    envs = Envs(game, E, args.seed + start)
     obs_buf = torch.zeros((T + 1, E, 64, 64, 3), dtype=torch.uint8, device=device)
     act_buf, logp_buf, val_buf, rew_buf, done_buf = (torch.zeros((T, E), device=device) for _ in range(5))
     obs = torch.from_numpy(envs.reset()).to(device)
@@ -1542,7 +1563,7 @@ def stage3_online(args):
     """Online decoding: PPO on the real environment with the RL+SL policy. -> (agent, curve)."""
     device = get_device(args)
     idm, ck1 = load_stage1(args.out, device)
-    policy, ck2 = load_stage2(args.out, device)
+    policy, ck2 = load_stage2(args.out, device, ck1)
     game = stage3_game(ck1, args)
     args.stage1_run, args.stage2_run = ck1.get("run_id"), ck2.get("run_id")  # a resume on other stages is refused
     amp = use_amp(args, device)
@@ -1570,8 +1591,7 @@ def stage3_online(args):
         if not decoder_due(ctx["update"] + 1, ctx["frames"], s) or not store["a"]:
             return {}
         z, a, seed = torch.cat(store["z"]), torch.cat(store["a"]), args.seed + ctx["update"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             dec = Decoder(arch["latent_dim"])
         epochs3 = 3 * math.ceil(len(a) / 512)  # 3 epochs of batch 512, as the authors
         fit_decoder(dec, z, a, epochs3, seed)
@@ -1612,8 +1632,7 @@ def evaluate_policy(agent, game, episodes, seed, device, amp=False, sample=True,
 
 def evaluate_agent(agent, game, args, path=None):
     device, t0 = get_device(args), time.time()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # seeded sampling, stream kept
-        torch.manual_seed(args.seed + 20_000)
+    with seeded(args.seed + 20_000):  # evaluation samples its actions from its own stream
         rets = evaluate_policy(agent, game, args.eval_episodes, args.seed + 20_000, device, use_amp(args, device),
                                sample=not args.greedy, max_steps=args.eval_max_steps)
     mean = float(np.mean(rets))
@@ -1696,6 +1715,7 @@ ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each be
 def available_bytes(device):
     """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the allocator caches but no tensor uses (an earlier stage's) counts as free
         return torch.cuda.mem_get_info(device)[0]
     with contextlib.suppress(OSError, StopIteration, ValueError):
         with open("/proc/meminfo") as f:

@@ -1089,7 +1089,8 @@ def ppo_run(out, monkeypatch, *extra, crash_after=None, on_reset=None):
 def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_change(tmp_path, monkeypatch):
     """What PPO's resume promises: the model, the optimizer, the reward normalizer, the learning curve and the extra
     state come back exactly as saved, and the run continues at the saved update and ends with the whole curve.
-    (Not promised: the same trajectory. The environments restart fresh and the torch RNG is not saved.)"""
+    (Not promised: the same trajectory. The environments restart fresh, on seed + the update resumed at, and so does
+    the torch RNG: a resume never replays the run's first levels.)"""
     real_save = lapo.save_atomic
     saved_a = []
     with monkeypatch.context() as mp:
@@ -1115,6 +1116,8 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
     with pytest.raises(lapo.LapoError, match="different configuration.*num_steps"):
         ppo_run(tmp_path / "b", monkeypatch, "--resume", "--num-steps", "32")
     same_state(ck, torch.load(path, weights_only=False), "checkpoint after the refusals")
+    ck["norm"]["ret"] += 1.0  # running returns in flight at the kill (tiny's first update may see no reward)
+    torch.save(ck, path)
 
     # resume, capturing the optimizer and the normalizer ppo builds and the state when it first resets its envs
     opts, norms, at_start = [], [], {}
@@ -1134,14 +1137,19 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
         at_start.update(model=copy.deepcopy(agent.state_dict()), opt=copy.deepcopy(opts[-1].state_dict()),
                         norm=copy.deepcopy(norms[-1].state_dict()))
 
+    env_seeds, args_seed, real_init = [], 0, lapo.Envs.__init__
     with monkeypatch.context() as mp:
         mp.setattr(torch.optim, "Adam", SpyAdam)
         mp.setattr(lapo, "RewardNormalizer", SpyNorm)
+        mp.setattr(lapo.Envs, "__init__", lambda self, game, n, seed: env_seeds.append(seed) or real_init(self, game, n,
+                                                                                                          seed))
         agent_c, curve_c, state_c, calls = ppo_run(tmp_path / "b", monkeypatch, "--resume", on_reset=snapshot)
     assert len(opts) == len(norms) == 1
     same_state(ck["model"], at_start["model"], "model at resume")
     same_state(ck["opt"], at_start["opt"], "optimizer at resume")
-    same_state(ck["norm"], at_start["norm"], "reward normalizer at resume")
+    assert not at_start["norm"]["ret"].any()  # fresh envs: the old episodes' running returns are dropped
+    same_state({**ck["norm"], "ret": None}, {**at_start["norm"], "ret": None}, "reward normalizer at resume")
+    assert env_seeds == [args_seed + 1]  # resumed after update 1: new levels, not the run's first ones again
     assert isinstance(calls[0], tuple) and calls[0][0] == "load", calls  # loaded before any update
     same_state(ck["extra"], calls[0][1], "extra state at resume")
     assert calls[1:] == [1, 2] and state_c["n"] == 3  # continued at the saved update: two updates, not three
@@ -1153,6 +1161,35 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
 
 
 # ---------------------------------------------------------------------------------------------- precision
+def test_gpu_only_choices_with_the_gpu_mocked(monkeypatch):
+    """What runs only on a GPU, checked with CUDA's answers mocked: --amp auto takes bf16 only on a GPU with bf16 units
+    (not emulated: a T4 or V100 would crawl), and the free memory is read after the allocator's cache is released
+    (an earlier stage's frames, freed but cached, are not in the way)."""
+    cuda, asked = torch.device("cuda"), []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or not including_emulation and has_bf16)
+    for has_bf16 in (True, False):
+        assert lapo.bf16_fast(cuda) is has_bf16
+    assert asked == [False, False]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("mem_get_info") or (5, 9))
+    assert lapo.available_bytes(cuda) == 5 and calls == ["empty_cache", "mem_get_info"]
+
+
+def test_seeded_side_streams_leave_the_training_stream_alone():
+    """lapo.seeded(s): draws inside come from a stream seeded with s; after it, the outer stream continues as if
+    nothing had been drawn (the probe, the online decoder's initial weights and evaluation run inside it)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with lapo.seeded(7):
+        inside = torch.rand(2)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(2))
+
+
 def test_amp_on_runs_bf16_and_amp_off_fp32_and_both_train(stage1_run, tmp_path, monkeypatch):
     _, _, train, test = stage1_run
     seen = []
@@ -1687,6 +1724,8 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         run("stage1", "a", crash=True)
+    with pytest.raises(lapo.LapoError, match="stage1.pt stopped at step 2 of 4; finish it first"):
+        run("stage2", "a", reads=False)  # a killed stage 1 is never built on
     for data, extra, now in (("a", ["--max-chunks", "1"], "train 1 chunks, \\w+; test 2"), ("other", [], "train 2")):
         with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks, \\w+; "
                            f"test 2 chunks, \\w+' -> '{now}"):  # (--max-chunks cuts the train split only)
@@ -1704,8 +1743,15 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     os.rename(tmp_path / "stage2_first.pt", tmp_path / "r/stage2.pt")
     with pytest.raises(lapo.LapoError, match=f"trained on other inputs \\(stage1_run: '{first_run}' -> '"):
         run("stage2", "a", "--resume", reads=False)
+    shutil.copy(tmp_path / "r/stage1.pt", tmp_path / "stage1_second.pt")
     os.replace(tmp_path / "stage1_first.pt", tmp_path / "r/stage1.pt")  # its own stage 1 back: resumed
     assert run("stage2", "a", "--resume")[1]["step"] == 4
+    os.replace(tmp_path / "stage1_second.pt", tmp_path / "r/stage1.pt")  # stage 3 on a stage 2 of another stage 1
+    for mode in ("offline", "online"):
+        args = lapo.parse_args(["stage3", "--mode", mode, "--preset", "tiny", "--data", str(tmp_path / "a"),
+                                "--out", str(tmp_path / "r")])
+        with pytest.raises(lapo.LapoError, match="stage2.pt was trained on another stage-1 run than .*; run stage 2"):
+            (lapo.stage3_offline if mode == "offline" else lapo.stage3_online)(args)
 
 
 def test_a_run_folder_has_one_writer(tmp_path, capsys, monkeypatch):
