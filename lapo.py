@@ -204,8 +204,8 @@ def preset_defaults(cmd, preset):
 INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
-                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return", "func", "episodes", "track",
-                "wandb_project", "wandb_entity"}
+                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
+                "func", "episodes", "track", "wandb_project", "wandb_entity"}
 
 class LapoError(Exception):
     """A user-facing error: printed as one line by main(), never as a traceback."""
@@ -1117,8 +1117,8 @@ def load_stage(out, stage):
     ck = load_checkpoint(path, (stage,))
     total = (ck.get("config") or {}).get(f"{stage}_steps", ck.get("step"))
     if ck.get("step") != total:  # a killed run's last checkpoint: no later stage builds on it
-        raise LapoError(f"{path} stopped at step {ck.get('step')} of {total}; finish it first (the same `python lapo.py "
-                        f"{stage}` command with --resume)")
+        raise LapoError(f"{path} stopped at step {ck.get('step')} of {total}; finish it first (the same `python "
+                        f"lapo.py {stage}` command with --resume)")
     return path, ck
 
 def idm_latents(idm, data, centres, device, amp, batch=256):

@@ -1137,19 +1137,23 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
         at_start.update(model=copy.deepcopy(agent.state_dict()), opt=copy.deepcopy(opts[-1].state_dict()),
                         norm=copy.deepcopy(norms[-1].state_dict()))
 
-    env_seeds, args_seed, real_init = [], 0, lapo.Envs.__init__
+    env_seeds, real_init = [], lapo.Envs.__init__
+
+    def spy_init(self, game, num_envs, seed):
+        env_seeds.append(seed)
+        real_init(self, game, num_envs, seed)
+
     with monkeypatch.context() as mp:
         mp.setattr(torch.optim, "Adam", SpyAdam)
         mp.setattr(lapo, "RewardNormalizer", SpyNorm)
-        mp.setattr(lapo.Envs, "__init__", lambda self, game, n, seed: env_seeds.append(seed) or real_init(self, game, n,
-                                                                                                          seed))
+        mp.setattr(lapo.Envs, "__init__", spy_init)
         agent_c, curve_c, state_c, calls = ppo_run(tmp_path / "b", monkeypatch, "--resume", on_reset=snapshot)
     assert len(opts) == len(norms) == 1
     same_state(ck["model"], at_start["model"], "model at resume")
     same_state(ck["opt"], at_start["opt"], "optimizer at resume")
     assert not at_start["norm"]["ret"].any()  # fresh envs: the old episodes' running returns are dropped
     same_state({**ck["norm"], "ret": None}, {**at_start["norm"], "ret": None}, "reward normalizer at resume")
-    assert env_seeds == [args_seed + 1]  # resumed after update 1: new levels, not the run's first ones again
+    assert env_seeds == [0 + 1]  # seed 0 resumed after update 1: new levels, not the run's first ones again
     assert isinstance(calls[0], tuple) and calls[0][0] == "load", calls  # loaded before any update
     same_state(ck["extra"], calls[0][1], "extra state at resume")
     assert calls[1:] == [1, 2] and state_c["n"] == 3  # continued at the saved update: two updates, not three
