@@ -54,8 +54,8 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
           "starpilot": (1.525, 66.986)}
 
 # Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
-# the authors' release (meant for a GPU), `small` is sized for an hour on a 2-core CPU and turns on the two module
-# deviations that measurably help there (README 'Deviations'), `tiny` takes seconds (tests). Explicit flags override
+# the authors' release (meant for a GPU), `small` is sized for an hour on a 2-core CPU and turns on the one module
+# deviation that measurably helps there (README 'Deviations'), `tiny` takes seconds (tests). Explicit flags override
 # the preset. `--help` shows all three.
 PRESETS = ("paper", "small", "tiny")
 
@@ -142,7 +142,6 @@ flag("--vq-decay", "stage1", num(float, 0, 0.99999), P(0.999, 0.99, 0.9), "EMA d
 flag("--commit-weight", "stage1", NONNEG_F, 0.05, "commitment loss weight")
 flag("--no-vq", "stage1", None, True, "ablation: no VQ bottleneck", action="store_false", dest="vq")
 flag("--fdm-width", "stage1", num(int, 2), P(24, 8, 4), "U-Net base width")
-flag("--idm-diff", "stage1", int, P(0, 1, 1), "1: the IDM sees (o_t, frame differences), not the 3 frames", **BIT)
 flag("--fdm-residual", "stage1", int, P(0, 1, 1), "1: the FDM predicts o_t + change, not o_{t+1}", **BIT)
 flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (half "
      "train, half test)")
@@ -808,27 +807,17 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.K * self.eps) * n)
         self.codebook.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
 
-DIFF_GAIN = 8.0  # frame differences are small (most pixels do not change); scale them to the frames' range
-
 class IDM(nn.Module):
-    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q.
-    diff_input (a small-scale deviation) feeds (o_t, o_t - o_{t-1}, o_{t+1} - o_t) instead of the frames: the same
-    information (an invertible linear map), but the change, which carries the action, stands out from a bright
-    static background."""
+    """Latent inverse dynamics model: (o_{t-1}, o_t, o_{t+1}) -> continuous latent z_t -> VQ -> z_q."""
 
     def __init__(self, scale=4.0, latent_dim=128, vq=True, code_dim=16, num_codebooks=2, codebook_size=64,
-                 vq_decay=0.999, diff_input=False):
+                 vq_decay=0.999):
         super().__init__()
-        self.diff_input = diff_input
         self.encoder = ImpalaCNN(9, latent_dim, scale)
         self.vq = VectorQuantizer(latent_dim, code_dim, num_codebooks, codebook_size, vq_decay) if vq else None
 
     def forward(self, window):
-        x = preprocess(window)
-        if self.diff_input:
-            prev, cur, nxt = x[:, :3], x[:, 3:6], x[:, 6:]
-            x = torch.cat([cur, DIFF_GAIN * (cur - prev), DIFF_GAIN * (nxt - cur)], 1)
-        z = self.encoder(x)
+        z = self.encoder(preprocess(window))
         if self.vq is None:  # the paper's no-VQ ablation: the FDM sees the continuous latent
             zero = z.new_zeros((), dtype=torch.float32)
             return {"z": z, "zq": z, "commit": zero, "perplexity": zero}
@@ -1146,7 +1135,7 @@ def probe_accuracy(z, y, seed=0, steps=300):
 
 def build_idm(cfg):
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"], cfg["num_codebooks"],
-               cfg["codebook_size"], cfg["vq_decay"], bool(cfg.get("idm_diff", 0)))
+               cfg["codebook_size"], cfg["vq_decay"])
 
 def build_fdm(cfg):
     return FDM(cfg["latent_dim"], cfg["fdm_width"], residual=bool(cfg.get("fdm_residual", 0)))
@@ -1217,6 +1206,9 @@ def load_stage1(out, device, data_game=None):
         raise LapoError(f"{path} was trained on {ck['config']['game']}, but the data is {data_game}")
     if ck["config"].get("supervised"):  # tools/diagnose.py supervised-idm
         raise LapoError(f"{path} is the supervised-IDM diagnostic (trained on true actions), not a latent IDM")
+    if ck["config"].get("idm_diff"):  # (its IDM read frame differences: the same weights would act differently)
+        raise LapoError(f"{path} was trained with --idm-diff, which lapo.py dropped after commit 8f3ab18; train "
+                        "stage 1 again, or use that commit")
     idm = build_idm(ck["config"])
     idm.load_state_dict(ck["idm"])
     return idm.to(device, memory_format=torch.channels_last).eval().requires_grad_(False), ck

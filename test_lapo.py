@@ -185,7 +185,7 @@ def test_paper_preset_has_the_authors_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # the authors' stage-2 network also carries an unused 256 -> 1 value head (257 parameters): 3,682,177
     assert (count(idm), count(fdm), count(policy)) == (3_685_376, 7_814_139, 3_681_920)
-    assert a1.amp == "off" and a1.idm_diff == 0 and a1.fdm_residual == 0 and a1.vq_decay == 0.999
+    assert a1.amp == "off" and a1.fdm_residual == 0 and a1.vq_decay == 0.999
 
 
 def test_fdm_structure_skips_latent_and_output_range():
@@ -365,7 +365,7 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
     args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", "unused", "--out", str(tmp_path),
                             "--stage1-steps", "300", "--batch-size", "32", "--eval-every", "300",
                             "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3",
-                            "--idm-diff", "0", "--fdm-residual", "0",  # the paper's IDM input and FDM output
+                            "--fdm-residual", "0",  # the paper's FDM output
                             "--amp", "off"])  # fp32 on every CPU (bf16 autocast reached 0.74 here)
     torch.manual_seed(args.seed)  # the IDM as stage 1 starts it, on stage 1's probe windows
     untrained = lapo.build_idm(vars(args)).eval()
@@ -986,8 +986,8 @@ def test_offline_decoding_beats_majority_when_the_frame_shows_the_action(tmp_pat
     com = ["--preset", "tiny", "--data", str(tmp_path / "vid"), "--out", str(tmp_path / "run"), "--seed", str(seed),
            "--amp", "off"]  # fp32: the same numbers on CPUs with and without bf16 units
     lapo.stage1(lapo.parse_args(["stage1", *com, "--stage1-steps", "60", "--eval-every", "60", "--log-every", "100",
-                                 "--probe-windows", "16", "--eval-windows", "16", "--idm-diff", "0", "--fdm-residual",
-                                 "0"]))  # the paper's modules
+                                 "--probe-windows", "16", "--eval-windows", "16", "--fdm-residual", "0"]))
+    # (--fdm-residual 0: the paper's FDM)
     _, s2 = lapo.stage2(lapo.parse_args(["stage2", *com, "--stage2-steps", "200", "--eval-every", "200",
                                          "--log-every", "100", "--warmup2", "0", "--lr", "2e-3"]))
     assert s2["test_loss"] < 0.8 * s2["test_loss_mean_baseline"], s2  # pi(o_t) predicts the latent
@@ -1236,6 +1236,21 @@ def test_amp_on_runs_bf16_and_amp_off_fp32_and_both_train(stage1_run, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------- checks before work
+def test_a_stage1_run_with_the_removed_idm_diff_flag_is_refused(stage1_run, tmp_path):
+    """A stage-1 checkpoint trained with --idm-diff 1 (an IDM that read frame differences, dropped after 8f3ab18)
+    loads into the same weights, which would silently act on other inputs: every later stage refuses it."""
+    out = with_stage1(stage1_run, tmp_path / "run")
+    ck = torch.load(out / "stage1.pt", weights_only=True)
+    ck["config"]["idm_diff"] = 1
+    torch.save(ck, out / "stage1.pt")
+    _, _, train, test = stage1_run
+    with pytest.raises(lapo.LapoError, match="trained with --idm-diff"):
+        lapo.stage2(lapo.parse_args(["stage2", *tiny_flags(out)]), train, test)
+    ck["config"]["idm_diff"] = 0  # (one trained without it loads as before)
+    torch.save(ck, out / "stage1.pt")
+    assert lapo.load_stage1(str(out), torch.device("cpu"))[1]["config"]["idm_diff"] == 0
+
+
 def test_stage3_checks_the_game_before_writing_anything(stage1_run, tmp_path):
     """Stage 1 learnt from a folder not named after a game: both decodings refuse before any file is written, and
     an interrupted offline sweep advises what really works (its files are never overwritten, so no --resume)."""
@@ -1443,7 +1458,7 @@ def test_supervised_idm_diagnostic(tmp_path, capsys):
     train, test = lapo.FrameData(obs[:2048], done[:2048], ta[:2048]), lapo.FrameData(obs[2048:], done[2048:], ta[2048:])
     argv = ["--preset", "tiny", "--data", "x", "--out", str(tmp_path)]
     args = diagnose_tool.parse(["supervised-idm", *argv, "--stage1-steps", "600", "--amp", "off", "--eval-every",
-                                "600", "--probe-windows", "512", "--log-every", "600", "--idm-diff", "0"])
+                                "600", "--probe-windows", "512", "--log-every", "600"])
     _, _, s = args.func(args, train, test)
     # measured (AMD EPYC with AVX-512 BF16, fp32, the paper's IDM input): test_acc 0.86, probe_acc 0.92, majority 0.16
     # after 600 steps; 0.36 and 0.49 after 300 (an untrained IDM's probe: 0.24, see
@@ -2173,7 +2188,7 @@ def test_golden_config_is_lapos_paper_preset(tmp_path):
                      c["vq_decay"], c["vq_count_init"])  # (lapo's EMA counts start at 0)
     assert (args.latent_dim, args.code_dim, args.num_codebooks, args.codebook_size, args.impala_scale, args.fdm_width) \
         == (c["latent_dim"], c["code_dim"], c["num_codebooks"], c["codebook_size"], c["impala_scale"], c["fdm_width"])
-    assert args.amp == "off" and args.idm_diff == 0 and args.fdm_residual == 0 and args.vq
+    assert args.amp == "off" and args.fdm_residual == 0 and args.vq
     mods = golden_modules(g, args)
     counts = {m: sum(p.numel() for p in mod.parameters()) for m, mod in mods.items()}
     assert counts == {m: c[f"params_{m}"] for m in ("idm", "fdm", "policy", "decoder")}
