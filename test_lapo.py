@@ -1620,7 +1620,7 @@ CROSS_FLAG_CASES = [
 
 def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
     cases = numeric_flags()
-    assert len(cases) >= 83, len(cases)  # 83 (command, flag) pairs since two deviation flags went
+    assert len(cases) >= 82, len(cases)  # 82 (command, flag) pairs since --idm-diff went
     for argv, flag, bad, edges in cases:
         for v in edges:  # the declared range is the real one: its ends parse
             lapo.build_parser().parse_args([*argv, f"{flag}={v}"])
