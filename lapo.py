@@ -1134,6 +1134,10 @@ def probe_accuracy(z, y, seed=0, steps=300):
     return acc, majority
 
 def build_idm(cfg):
+    """Stage 1's IDM from a config, a run's flags or a saved run's (every loader of a stage-1 checkpoint comes here)."""
+    if cfg.get("idm_diff"):  # (its IDM read frame differences: the same weights would act on other inputs)
+        raise LapoError("this stage-1 run was trained with --idm-diff, which lapo.py dropped after commit 8f3ab18; "
+                        "train stage 1 again, or use that commit")
     return IDM(cfg["impala_scale"], cfg["latent_dim"], cfg["vq"], cfg["code_dim"], cfg["num_codebooks"],
                cfg["codebook_size"], cfg["vq_decay"])
 
@@ -1206,9 +1210,6 @@ def load_stage1(out, device, data_game=None):
         raise LapoError(f"{path} was trained on {ck['config']['game']}, but the data is {data_game}")
     if ck["config"].get("supervised"):  # tools/diagnose.py supervised-idm
         raise LapoError(f"{path} is the supervised-IDM diagnostic (trained on true actions), not a latent IDM")
-    if ck["config"].get("idm_diff"):  # (its IDM read frame differences: the same weights would act differently)
-        raise LapoError(f"{path} was trained with --idm-diff, which lapo.py dropped after commit 8f3ab18; train "
-                        "stage 1 again, or use that commit")
     idm = build_idm(ck["config"])
     idm.load_state_dict(ck["idm"])
     return idm.to(device, memory_format=torch.channels_last).eval().requires_grad_(False), ck

@@ -1238,7 +1238,7 @@ def test_amp_on_runs_bf16_and_amp_off_fp32_and_both_train(stage1_run, tmp_path, 
 # ---------------------------------------------------------------------------------------------- checks before work
 def test_a_stage1_run_with_the_removed_idm_diff_flag_is_refused(stage1_run, tmp_path):
     """A stage-1 checkpoint trained with --idm-diff 1 (an IDM that read frame differences, dropped after 8f3ab18)
-    loads into the same weights, which would silently act on other inputs: every later stage refuses it."""
+    loads into the same weights, which would silently act on other inputs: building its IDM is refused."""
     out = with_stage1(stage1_run, tmp_path / "run")
     ck = torch.load(out / "stage1.pt", weights_only=True)
     ck["config"]["idm_diff"] = 1
@@ -1246,6 +1246,8 @@ def test_a_stage1_run_with_the_removed_idm_diff_flag_is_refused(stage1_run, tmp_
     _, _, train, test = stage1_run
     with pytest.raises(lapo.LapoError, match="trained with --idm-diff"):
         lapo.stage2(lapo.parse_args(["stage2", *tiny_flags(out)]), train, test)
+    with pytest.raises(lapo.LapoError, match="trained with --idm-diff"):  # (and any script that builds it itself)
+        lapo.build_idm(ck["config"])
     ck["config"]["idm_diff"] = 0  # (one trained without it loads as before)
     torch.save(ck, out / "stage1.pt")
     assert lapo.load_stage1(str(out), torch.device("cpu"))[1]["config"]["idm_diff"] == 0
