@@ -12,7 +12,6 @@ Variants (all with `--fdm-residual 1`, as `small`, except old_direct):
 - light: the authors' U-Net without the ResBlocks of its up path and head (the old FDM's lighter output path).
 - old_direct: the old FDM with `--fdm-residual 0` (it predicts o_{t+1}, not o_t + change).
 """
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import fmt_stats, stats  # noqa: E402
+from pipeline import fmt_stats, read_metrics, stats  # noqa: E402
 
 import lapo  # noqa: E402
 
@@ -117,8 +116,8 @@ def one(data, out, variant, seed):
 @torch.no_grad()
 def z_reliance(run, build, test):
     """How much the trained FDM relies on the latent: its test loss with each window's own z_q, and with the z_q of
-    another window of the batch (rolled by one). -> (loss, loss with foreign z)"""
-    ck = torch.load(os.path.join(run, "stage1.pt"), map_location="cpu", weights_only=True)
+    another window of the batch (rolled by one). -> loss with foreign z / loss with own z (1.0: z is ignored)"""
+    ck = lapo.load_checkpoint(os.path.join(run, "stage1.pt"), ("stage1",))
     idm, fdm = lapo.build_idm(ck["config"]), build(ck["config"])
     idm.load_state_dict(ck["idm"])
     fdm.load_state_dict(ck["fdm"])
@@ -129,13 +128,12 @@ def z_reliance(run, build, test):
         zq, target = idm(w)["zq"], lapo.preprocess(w[:, 2])
         own += F.mse_loss(fdm(w[:, :2], zq), target, reduction="sum").item()
         other += F.mse_loss(fdm(w[:, :2], zq.roll(1, 0)), target, reduction="sum").item()
-    n = len(centres) * target[0].numel()
-    return own / n, other / n
+    return other / own
 
 
 def final_perplexity(run):
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    return [r["stage1/perplexity"] for r in rows if "stage1/perplexity" in r][-1]
+    return [r["stage1/perplexity"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))
+            if "stage1/perplexity" in r][-1]
 
 
 def report(data, root):
@@ -152,8 +150,8 @@ def report(data, root):
         done = [f for f, p in zip(folders, probe[v]) if p is not None]
         if not done:
             continue
-        loss = [lapo.read_json(os.path.join(f, "stage1_summary.json"))["test_fdm_loss"] for f in done]
-        ratio = [(lambda a, b: b / a)(*z_reliance(f, BUILD[v], test)) for f in done]
+        loss = [x["test_fdm_loss"] for x in summary[v] if x is not None]
+        ratio = [z_reliance(f, BUILD[v], test) for f in done]
         paired = [p - q for p, q in zip(probe[v], probe["new"]) if p is not None and q is not None]
         row = [v, " / ".join(f"{p:.3f}" for p in probe[v] if p is not None), fmt_stats(probe[v]),
                fmt_stats(paired) if v != "new" else "", f"{stats(loss)['mean']:.6f}",
