@@ -55,8 +55,8 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
 
 # Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
 # the authors' release (meant for a GPU), `small` is sized for an hour on a 2-core CPU and turns on the one module
-# deviation that measurably helps there (README 'Deviations'), `tiny` takes seconds (tests). Explicit flags override
-# the preset. `--help` shows all three.
+# deviation that measurably helps there (README 'Deviations'), `tiny` takes seconds, in fp32 on every CPU
+# (tests). Explicit flags override the preset. `--help` shows all three.
 PRESETS = ("paper", "small", "tiny")
 
 class P(tuple):
@@ -104,7 +104,7 @@ flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: 
      choices=PRESETS)
 flag("--seed", ALL, SEED, 0, "seed of everything; same seed on CPU, same result")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
-flag("--amp", ALL, None, P("off", "auto", "auto"), "bf16 autocast; auto: on for CUDA and CPUs with bf16 units",
+flag("--amp", ALL, None, P("off", "auto", "off"), "bf16 autocast; auto: on for CUDA and CPUs with bf16 units",
      choices=("auto", "on", "off"))
 flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
 flag("--out", "stage1 stage2 stage3", None, "runs/lapo", "run folder (checkpoints, metrics.jsonl, summaries)")

@@ -356,29 +356,38 @@ def moving_square_video(n_frames, seed, ep_len=64, shift=4):
     return obs, done, ta
 
 
-def test_stage1_recovers_actions_from_video_alone(tmp_path):
-    """The method works: trained without actions, the IDM's latents predict the true action on held-out windows
-    (5 equally likely actions: majority ~20%). The same probe on the untrained IDM shows how much of that is learnt."""
-    obs, done, ta = moving_square_video(6144, seed=0)
+def stage1_from_video_alone(tmp_path, seed, *flags):
+    """The functional test's run, for any seed (video and training): stage 1 at `tiny` on the moving-texture video,
+    300 steps. -> (the untrained IDM's probe accuracy, stage 1's summary)"""
+    obs, done, ta = moving_square_video(6144, seed=seed)
     train = lapo.FrameData(obs[:4096], done[:4096], None)  # no actions at all for training
     test = lapo.FrameData(obs[4096:], done[4096:], ta[4096:])
     args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", "unused", "--out", str(tmp_path),
-                            "--stage1-steps", "300", "--batch-size", "32", "--eval-every", "300",
+                            "--seed", str(seed), "--stage1-steps", "300", "--batch-size", "32", "--eval-every", "300",
                             "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3",
-                            "--fdm-residual", "0",  # the paper's FDM output
-                            "--amp", "off"])  # fp32 on every CPU (bf16 autocast reached 0.74 here)
+                            *map(str, flags)])
     torch.manual_seed(args.seed)  # the IDM as stage 1 starts it, on stage 1's probe windows
     untrained = lapo.build_idm(vars(args)).eval()
     probe_c = lapo.stage1_test_windows(args, test)[1]
-    amp = lapo.use_amp(args, torch.device("cpu"))
-    z0 = lapo.idm_latents(untrained, test, probe_c, torch.device("cpu"), amp)
+    z0 = lapo.idm_latents(untrained, test, probe_c, torch.device("cpu"), False)
     acc0, majority0 = lapo.probe_accuracy(z0, test.labels(probe_c), args.seed)
     _, _, summary = lapo.stage1(args, train, test)
-    # measured (AMD EPYC with AVX-512 BF16, 2 cores, fp32): untrained 0.238, trained 0.912; majority 0.195. (Probe
-    # windows drawn with replacement put copies of a window in both halves: the untrained IDM then read 0.40.)
-    assert summary["probe_majority"] == majority0 < 0.3
-    assert acc0 < 0.3, acc0
-    assert summary["probe_acc"] > 0.9, summary
+    assert summary["probe_majority"] == majority0
+    return acc0, summary
+
+
+def test_stage1_recovers_actions_from_video_alone(tmp_path):
+    """The method works: trained without actions, the IDM's latents predict the true action on held-out windows
+    (5 equally likely actions: majority ~20%) far better than the same probe on the untrained IDM, its control.
+    Measured over seeds 0-7 (video and training; fp32; results/README.md, issue 32): probe 0.61-1.00 (mean 0.81),
+    the untrained IDM's 0.24-0.47 (random features already see some of the motion), gain 0.29-0.59. At this size
+    stage 1 finds the action on some seeds and half-finds it on others (0.61, 0.66 on seeds 3, 4), and the paper's
+    FDM output (--fdm-residual 0) does so more often: probe 0.49-0.93, gain 0.11-0.69 (seed 7: 0.49 against 0.38).
+    The thresholds sit at about half the worst seed's gain, so that float order (another CPU) cannot fail them."""
+    acc0, summary = stage1_from_video_alone(tmp_path, 0)  # tiny: --fdm-residual 1
+    assert summary["probe_majority"] < 0.3
+    assert summary["probe_acc"] > 0.45, summary
+    assert summary["probe_acc"] > acc0 + 0.15, (acc0, summary)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -466,21 +475,29 @@ def test_online_agent_starts_as_decoded_latent_policy():
     assert torch.equal(logits.argmax(-1), decoded.argmax(-1))
 
 
-def test_decoder_fit_on_a_collapsed_latent_does_not_saturate():
-    """A collapsed IDM emits one latent for every window (dodgeball seed 2 at `small`: std 0 in all 128 dims). The
-    decoder fit on it must stay near its fit when the policy's latents deviate by a fraction of the latents' scale,
-    not divide the deviation by ~0 and saturate (that run's online RL+SL fell to entropy 0 and return 0)."""
-    torch.manual_seed(0)
+def collapsed_latent_decoder(seed):
+    """A decoder fit on one constant latent, then read at latents that drift by 5e-4. -> (entropy of its output
+    distribution at the drifted latents (min), its largest change of a probability)"""
+    torch.manual_seed(seed)
     z = (torch.randn(128) * 0.03).expand(512, 128).clone()  # one constant latent, scale 0.03
     y = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), 512, replacement=True)
     dec = lapo.Decoder()
-    lapo.train_classifier(dec, z, y, 100, 512, 1e-3, 0)
+    lapo.train_classifier(dec, z, y, 100, 512, 1e-3, seed)
     drift = z[:64] + torch.randn(64, 128) * 5e-4  # the size of dodgeball seed 2's policy-latent spread
     with torch.no_grad():
         p_fit, p_drift = dec(z[:1]).softmax(-1), dec(drift).softmax(-1)
     entropy = -(p_drift * p_drift.clamp_min(1e-12).log()).sum(-1)
-    assert entropy.min() > 0.5, entropy.min()  # the fit's marginal has entropy 1.03 nats
-    assert (p_drift - p_fit).abs().max() < 0.3
+    return entropy.min().item(), (p_drift - p_fit).abs().max().item()
+
+
+def test_decoder_fit_on_a_collapsed_latent_does_not_saturate():
+    """A collapsed IDM emits one latent for every window (dodgeball seed 2 at `small`: std 0 in all 128 dims). The
+    decoder fit on it must stay near its fit when the policy's latents deviate by a fraction of the latents' scale,
+    not divide the deviation by ~0 and saturate (that run's online RL+SL fell to entropy 0 and return 0)."""
+    entropy, change = collapsed_latent_decoder(0)
+    # seeds 0-7 (results/README.md): entropy 1.23-1.26 nats (the labels' marginal: 1.03), change 0.0004-0.0008
+    assert entropy > 0.5, entropy
+    assert change < 0.3, change
 
 
 def test_decoder_schedule_and_lr_ramps_match_the_authors():
@@ -970,27 +987,20 @@ def indicator_video(n, seed, ep_len=64, shift=4, stick=0.8, probs=(0.4, 0.15, 0.
     return obs, done, ta
 
 
-def test_offline_decoding_beats_majority_when_the_frame_shows_the_action(tmp_path):
-    """stage1 -> stage2 -> stage3 --mode offline --labels 64 on video whose o_t shows a_t: the latent policy learns
-    to predict the IDM's latent from o_t, and a decoder fit on 64 labeled frames reads the action off pi(o_t) on
-    held-out frames far better than the majority class.
-    Measured (seeds 0, 1, 2; 2 CPU cores; the paper's modules): test_acc 0.70, 0.73, 0.85 vs majority 0.39, 0.39,
-    0.49; stage-2 test loss 0.72, 0.25, 0.14 of the mean baseline. Control: an untrained latent policy (stage 2 at lr
-    1e-9) gives test_acc 0.39, the majority (0.67 with 1,000 decoder steps): the margin below asks for what stage 2
-    learns, not only random features."""
-    seed = 1
+def offline_decoding_run(tmp_path, seed, stage2_lr=2e-3):
+    """stage1 -> stage2 -> stage3 --mode offline --labels 64 at `tiny` on indicator_video(seed), trained with `seed`
+    (stage2_lr 1e-9: the control, a latent policy that stays untrained).
+    -> (stage 2's summary, stage 3's lapo row, the held-out majority-class rate)"""
     obs, done, ta = indicator_video(3072, seed)
     for split, sl in (("train", slice(0, 2048)), ("test", slice(2048, 3072))):
         os.makedirs(tmp_path / f"vid/{split}")
         np.savez(tmp_path / f"vid/{split}/0.npz", obs=obs[sl], done=done[sl], ta=ta[sl])
-    com = ["--preset", "tiny", "--data", str(tmp_path / "vid"), "--out", str(tmp_path / "run"), "--seed", str(seed),
-           "--amp", "off"]  # fp32: the same numbers on CPUs with and without bf16 units
+    com = ["--preset", "tiny", "--data", str(tmp_path / "vid"), "--out", str(tmp_path / "run"), "--seed", str(seed)]
     lapo.stage1(lapo.parse_args(["stage1", *com, "--stage1-steps", "60", "--eval-every", "60", "--log-every", "100",
                                  "--probe-windows", "16", "--eval-windows", "16", "--fdm-residual", "0"]))
     # (--fdm-residual 0: the paper's FDM)
     _, s2 = lapo.stage2(lapo.parse_args(["stage2", *com, "--stage2-steps", "200", "--eval-every", "200",
-                                         "--log-every", "100", "--warmup2", "0", "--lr", "2e-3"]))
-    assert s2["test_loss"] < 0.8 * s2["test_loss_mean_baseline"], s2  # pi(o_t) predicts the latent
+                                         "--log-every", "100", "--warmup2", "0", "--lr", str(stage2_lr)]))
     summary = lapo.stage3_offline(lapo.parse_args(["stage3", "--mode", "offline", *com, "--labels", "64",
                                                    "--decoder-steps", "300", "--env", "bigfish", "--eval-episodes", "1",
                                                    "--eval-max-steps", "10"]))
@@ -1000,8 +1010,22 @@ def test_offline_decoding_beats_majority_when_the_frame_shows_the_action(tmp_pat
     y = test.labels(lapo.heldout_centres(test))  # the windows test_acc is measured on
     train_y = torch.from_numpy(ta[:2048])
     majority = (y == torch.bincount(train_y, minlength=lapo.NUM_ACTIONS).argmax()).float().mean().item()
-    assert majority < 0.5
-    assert row["test_acc"] > majority + 0.2, (row["test_acc"], majority)
+    return s2, row, majority
+
+
+def test_offline_decoding_beats_majority_when_the_frame_shows_the_action(tmp_path):
+    """stage1 -> stage2 -> stage3 --mode offline --labels 64 on video whose o_t shows a_t: the latent policy learns
+    to predict the IDM's latent from o_t, and a decoder fit on 64 labeled frames reads the action off pi(o_t) on
+    held-out frames far better than the majority class.
+    Measured over seeds 0-7 (video and training; fp32; results/README.md, issue 32): stage 2's test loss 0.17-0.53 of
+    the mean baseline, test_acc 0.28-0.50 above the majority (0.35-0.49). The control, an untrained latent policy
+    (stage 2 at lr 1e-9): loss 2.8-133x the baseline, so the first check asks for what stage 2 learns; but its
+    test_acc is 0.00-0.41 above the majority (seed 6: 0.41, the trained policy 0.28): a decoder reads the coloured
+    patch off random features too, so the second check shows that decoding works, not that stage 2 learned."""
+    s2, row, majority = offline_decoding_run(tmp_path, 1)
+    assert s2["test_loss"] < 0.8 * s2["test_loss_mean_baseline"], s2  # pi(o_t) predicts the latent
+    assert majority < 0.55
+    assert row["test_acc"] > majority + 0.15, (row["test_acc"], majority)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -1453,25 +1477,32 @@ def test_stage1_and_stage2_cli_summaries(pipeline):
     assert "samples/s" in pipeline[2]["stage1"] and "eta" in pipeline[2]["stage1"]  # progress lines
 
 
+def supervised_idm_run(tmp_path, seed):
+    """tools/diagnose.py supervised-idm at `tiny`, 600 steps, on moving_square_video(seed), trained with `seed`.
+    -> (its summary, train, test)"""
+    obs, done, ta = moving_square_video(3072, seed=seed)
+    train, test = lapo.FrameData(obs[:2048], done[:2048], ta[:2048]), lapo.FrameData(obs[2048:], done[2048:], ta[2048:])
+    args = diagnose_tool.parse(["supervised-idm", "--preset", "tiny", "--data", "x", "--out", str(tmp_path),
+                                "--seed", str(seed), "--stage1-steps", "600", "--eval-every", "600",
+                                "--probe-windows", "512", "--log-every", "600"])
+    return args.func(args, train, test)[2], train, test
+
+
 def test_supervised_idm_diagnostic(tmp_path, capsys):
     """tools/diagnose.py supervised-idm trains stage 1's IDM on the true actions: on video where the action is plain
-    to see, its action head and the probe on its latents read the action; stage 2 refuses it as a latent IDM."""
-    obs, done, ta = moving_square_video(3072, seed=5)
-    train, test = lapo.FrameData(obs[:2048], done[:2048], ta[:2048]), lapo.FrameData(obs[2048:], done[2048:], ta[2048:])
+    to see, its action head and the probe on its latents read the action; stage 2 refuses it as a latent IDM.
+    Measured over seeds 0-7 (fp32; results/README.md): test_acc 0.89-1.00, probe_acc 0.94-1.00, majority 0.16-0.21
+    (an untrained IDM's probe: 0.24-0.47, see test_stage1_recovers_actions_from_video_alone)."""
+    s, train, test = supervised_idm_run(tmp_path, 5)
     argv = ["--preset", "tiny", "--data", "x", "--out", str(tmp_path)]
-    args = diagnose_tool.parse(["supervised-idm", *argv, "--stage1-steps", "600", "--amp", "off", "--eval-every",
-                                "600", "--probe-windows", "512", "--log-every", "600"])
-    _, _, s = args.func(args, train, test)
-    # measured (AMD EPYC with AVX-512 BF16, fp32, the paper's IDM input): test_acc 0.86, probe_acc 0.92, majority 0.16
-    # after 600 steps; 0.36 and 0.49 after 300 (an untrained IDM's probe: 0.24, see
-    # test_stage1_recovers_actions_from_video_alone)
     assert "test_fdm_loss" not in s and s["probe_majority"] < 0.3
     assert s["test_acc"] > 0.6 and s["probe_acc"] > 0.7, s
     with pytest.raises(lapo.LapoError, match="supervised-IDM diagnostic"):
         lapo.stage2(lapo.parse_args(["stage2", *argv]), train, test)
+    obs, done, _ = moving_square_video(2048, seed=5)
+    args = diagnose_tool.parse(["supervised-idm", *argv[:-1], str(tmp_path / "b")])
     with pytest.raises(lapo.LapoError, match="has no 'ta'"):  # it needs the actions
-        args.func(diagnose_tool.parse(["supervised-idm", *argv[:-1], str(tmp_path / "b")]),
-                  lapo.FrameData(obs[:2048], done[:2048]), test)
+        args.func(args, lapo.FrameData(obs, done), test)
     for bad in ([], ["stage1"], ["supervised-idm", "--stage1-steps", "0"]):  # one line, exit 2
         with pytest.raises(SystemExit) as e:
             diagnose_tool.main(bad)
@@ -1487,7 +1518,7 @@ def test_stage3_offline_online_and_eval_cli(pipeline):
     # the held-out accuracies reported are the saved policies', on stage 3's held-out test windows
     cpu, test = torch.device("cpu"), lapo.load_split(str(root / "data/bigfish"), "test")
     c = lapo.heldout_centres(test)
-    amp = lapo.use_amp(argparse.Namespace(amp="auto"), cpu)  # tiny: --amp auto
+    amp = lapo.use_amp(argparse.Namespace(amp="off"), cpu)  # tiny: --amp off
     decoded, _ = lapo.load_policy(str(run / "decoded_16.pt"), cpu)
     pi = lapo.policy_latents(decoded.policy, test.obs[c], cpu, amp)
     assert lapo.accuracy(decoded.decoder, pi, test.labels(c), cpu) == rows[("lapo", 16)]["test_acc"]

@@ -1,0 +1,138 @@
+"""Issue 34: how often does stage 1 at `small` find the action? Many seeds x {fp32, bf16}, each run's probe over
+steps, and the supervised IDM's ceiling on the same data and budget.
+
+    python results/scripts/stage1_share.py sprite DATA_ROOT                   # DATA_ROOT/sprite: action-free video
+    python results/scripts/stage1_share.py run DATA_ROOT/GAME RUNS [--seeds 0-7] [--amp off,on] [--flags "..."]
+    python results/scripts/stage1_share.py report DATA_ROOT/GAME RUNS         # every run, and the share found
+
+`sprite` writes a synthetic video in lapo's layout (65,536 train and 8,192 test frames, as `small` collects): a
+6x6 sprite that 9 actions (the 8 compass moves of 4 px and noop, drawn uniformly) move over a blocky background
+that is new each episode (episodes of 64-255 frames); a move into a wall leaves the sprite where it was. Not a test
+fixture's generator: the action moves a small object, not the whole frame.
+
+`run` trains, for every seed and precision, `python lapo.py stage1 --preset small` into RUNS/<amp>-s<seed> and the
+supervised IDM (`tools/diagnose.py supervised-idm`, the same flags) into RUNS/sup-s<seed>. Each run is one
+resumable piece (11-18 minutes on 2 cores): a finished one is skipped, an interrupted one continues with --resume.
+A run "finds the action" when its probe reaches at least 80% of the supervised ceiling above the majority class:
+(probe - majority) >= 0.8 (ceiling - majority), the ceiling being the mean supervised probe over seeds.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import lapo  # noqa: E402
+from pipeline import fmt_stats, read_metrics  # noqa: E402
+
+MOVES = np.array([[dy, dx] for dy in (-4, 0, 4) for dx in (-4, 0, 4)])  # 9 actions; index 4 is noop
+
+
+def sprite_video(n, seed, size=6):
+    """-> obs uint8 (n, 64, 64, 3), done (n,), ta (n,): ta[t] moves the sprite from obs[t] to obs[t + 1]."""
+    rng = np.random.default_rng(seed)
+    sprite = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    sprite[[0, -1]], sprite[:, [0, -1]] = 255, 255  # a white border: visible on any background
+    obs, done, ta = np.empty((n, 64, 64, 3), np.uint8), np.zeros(n, bool), rng.integers(0, 9, n)
+    t = 0
+    while t < n:
+        length = min(int(rng.integers(64, 256)), n - t)
+        bg = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        pos = rng.integers(0, 64 - size, 2)
+        for i in range(t, t + length):
+            obs[i] = bg
+            obs[i, pos[0]:pos[0] + size, pos[1]:pos[1] + size] = sprite
+            pos = np.clip(pos + MOVES[ta[i]], 0, 64 - size)
+        done[t + length - 1] = True
+        t += length
+    return obs, done, ta
+
+
+def write_sprite(root):
+    folder = os.path.join(root, "sprite")
+    for split, n, seed, chunk in (("train", 65_536, 0, 32_768), ("test", 8192, 1, 4096)):
+        os.makedirs(os.path.join(folder, split), exist_ok=True)
+        obs, done, ta = sprite_video(n, seed)
+        for i in range(0, n, chunk):
+            lapo.save_npz(os.path.join(folder, split, f"{i // chunk}.npz"),
+                          {"obs": obs[i:i + chunk], "done": done[i:i + chunk], "ta": ta[i:i + chunk]})
+    print(f"wrote {folder}: 65,536 train and 8,192 test frames, 9 actions")
+
+
+def seeds(text):
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def train(cmd, data, out, seed, extra):
+    summary = os.path.join(out, "stage1_summary.json")
+    if os.path.exists(summary):
+        return
+    resume = ["--resume"] if os.path.exists(os.path.join(out, "stage1.pt")) else []
+    argv = [sys.executable, *cmd, "--preset", "small", "--data", data, "--out", out, "--seed", str(seed), *extra,
+            *resume]
+    print(" ".join(argv), flush=True)
+    subprocess.run(argv, check=True)
+
+
+def run(a):
+    for seed in a.seeds:
+        train([os.path.join(ROOT, "tools", "diagnose.py"), "supervised-idm"], a.data,
+              os.path.join(a.runs, f"sup-s{seed}"), seed, ["--amp", "off", *a.flags.split()])
+        for amp in a.amp.split(","):
+            train([os.path.join(ROOT, "lapo.py"), "stage1"], a.data, os.path.join(a.runs, f"{amp}-s{seed}"), seed,
+                  ["--amp", amp, *a.flags.split()])
+
+
+def report(a):
+    runs = {}
+    for name in sorted(os.listdir(a.runs)):
+        path = os.path.join(a.runs, name, "stage1_summary.json")
+        if os.path.exists(path):
+            curve = [(r["stage1/step"], r["stage1/probe_acc"]) for r in read_metrics(os.path.join(a.runs, name,
+                                                                                                "metrics.jsonl"))
+                     if "stage1/probe_acc" in r]
+            runs[name] = {**json.load(open(path)), "curve": curve}
+    sup = [r["probe_acc"] for n, r in runs.items() if n.startswith("sup-")]
+    if not sup:
+        return print("no supervised run finished yet")
+    ceiling = float(np.mean(sup))
+    print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}\n")
+    print("| run | probe | majority | share of ceiling above majority | found | probe at each eval |")
+    print("|---|---|---|---|---|---|")
+    found = {}
+    for name, r in runs.items():
+        if name.startswith("sup-"):
+            continue
+        share = (r["probe_acc"] - r["probe_majority"]) / (ceiling - r["probe_majority"])
+        found.setdefault(name.split("-")[0], []).append(share >= 0.8)
+        print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
+              f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} |")
+    for amp, f in found.items():
+        probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
+        print(f"\n--amp {amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
+              f"min {min(probes):.3f}, max {max(probes):.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("sprite", "run", "report"))
+    ap.add_argument("data")
+    ap.add_argument("runs", nargs="?")
+    ap.add_argument("--seeds", type=seeds, default=seeds("0-7"))
+    ap.add_argument("--amp", default="off,on")
+    ap.add_argument("--flags", default="", help="more stage-1 flags for every run, e.g. '--vq-decay 0.95'")
+    a = ap.parse_args()
+    if a.what == "sprite":
+        return write_sprite(a.data)
+    if a.runs is None:
+        ap.error(f"{a.what} needs RUNS")
+    return run(a) if a.what == "run" else report(a)
+
+
+if __name__ == "__main__":
+    main()
