@@ -1,8 +1,16 @@
 """LAPO: Learning to Act without Actions (Schmidt & Jiang, ICLR 2024, arXiv 2312.10812).
 
-One file, read top to bottom like the paper: configuration & utilities -> data -> networks (IMPALA CNN, VQ, IDM,
-FDM U-Net, decoder, agents) -> stage 1 (latent IDM + FDM) -> stage 2 (latent behaviour cloning) -> stage 3 (offline
-decoding; PPO, expert and online decoding) -> evaluation -> command line.
+One file, read top to bottom like the paper. The map (each section starts with a `# ====` banner):
+  configuration  FLAGS: every flag of every command, with its value under the paper, small and tiny presets
+  utilities      seeding, bf16 autocast, `preprocess` (uint8 frames -> floats in [-0.5, 0.5]), `optimize`
+  data           `Envs` (Procgen), `collect`, `load_split` -> `FrameData`, whose windows never cross an episode end
+  networks       `ImpalaCNN`, `VectorQuantizer`, `IDM`, `FDM` (U-Net), `Decoder`, the agents (`OnlineAgent`: RL+SL)
+  stage 1        the loss in `build_stage1.train_step`: the FDM predicts o_{t+1} through the IDM's quantized latent
+  stage 2        `build_stage2.train_step`: the latent policy pi(o_t) regresses the IDM's pre-quantization latent
+  stage 3        `stage3_offline` (a decoder from a few labeled frames); `ppo`, `expert`, `stage3_online` (RL+SL)
+  evaluation     `evaluate_policy`, `evaluate_agent`
+  run folder and command line (plumbing, last): the lock, atomic writes, checkpoints and resume checks, metrics
+                 and trackers, out of memory, the parser and `main`.
 
     python lapo.py collect --env bigfish --out data            # observation-only video (+ labeled test split)
     python lapo.py stage1  --data data/bigfish --out runs/bigfish   # latent IDM + FDM, no actions used
@@ -39,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ==== CONFIGURATION AND UTILITIES =============================================================
+# ==== CONFIGURATION: the paper's hyperparameters, every flag in one table ====================
 GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
          "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 ACTION_NAMES = ("LEFT-DOWN", "LEFT", "LEFT-UP", "DOWN", "NOOP", "UP", "RIGHT-DOWN", "RIGHT", "RIGHT-UP",
@@ -199,16 +207,10 @@ def preset_defaults(cmd, preset):
     return {kw.get("dest", names[0][2:].replace("-", "_")): d[i] if isinstance(d, P) else d
             for names, cmds, _, d, _, kw in FLAGS if cmd in cmds}
 
-# What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
-INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
-# Flags that change nothing about what is computed: they may differ when a run is resumed.
-RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
-                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
-                "func", "episodes", "track", "wandb_project", "wandb_entity"}
-
 class LapoError(Exception):
     """A user-facing error: printed as one line by main(), never as a traceback."""
 
+# ==== UTILITIES the method uses: seeding, devices, bf16 autocast, preprocessing, optimizer steps ====
 def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -267,219 +269,9 @@ def seeded(seed):
         torch.manual_seed(seed)
         yield
 
-@contextlib.contextmanager
-def ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) until the block has finished, then raise it: a write is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            raise KeyboardInterrupt
-
-def write_atomic(path, write):
-    """write(file) into a temporary file, then rename: a crash, a full disk or Ctrl-C never leaves a half-written
-    file, and no temporary file stays behind."""
-    tmp = f"{path}.tmp"
-    try:
-        with ctrl_c_deferred():
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):  # (torch.save reports a failed write as RuntimeError)
-            raise
-        kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
-
-def save_npz(f, arrays):
-    """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
-    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        for key, value in arrays.items():
-            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-
-def save_atomic(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-def check_out(out):
-    """Fail fast, before any data is loaded or model built, when the run folder cannot be written."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
-
-LOCK = "lapo.lock"
-
-def _flock(path, exclusive):
-    """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
-    f = open(path, "a+" if exclusive else "r")
-    try:
-        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        return f
-    except BlockingIOError:
-        pid = ""
-        with contextlib.suppress(OSError):
-            f.seek(0)
-            pid = f.read().strip()
-        f.close()
-        folder = os.path.dirname(path)
-        raise LapoError(f"{folder} is in use by process {pid or '?'} (its {LOCK}); wait for it to end, or use "
-                        "another --out")
-
-@contextlib.contextmanager
-def run_lock(out):
-    """Own the run folder `out` while a command writes it: an exclusive flock on <out>/lapo.lock, which holds this
-    pid. The kernel drops a flock when its process ends, even by SIGKILL, so a dead run's lock is never in the way.
-    A second writer, into the folder or into one inside it, is refused in one line that names the owner's pid."""
-    if out is None:
-        yield
-        return
-    check_out(out)
-    folder = os.path.abspath(out)
-    path = os.path.join(folder, LOCK)
-    while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
-        folder = os.path.dirname(folder)
-        with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
-            _flock(os.path.join(folder, LOCK), exclusive=False).close()
-    while True:
-        f = _flock(path, exclusive=True)
-        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
-            break  # the file locked is still the one at the path (its last owner removes it as it ends)
-        f.close()
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
-        yield
-    finally:
-        os.remove(path)
-        f.close()
-
-def load_checkpoint(path, kinds):
-    if not os.path.isfile(path):
-        raise LapoError(f"checkpoint {path} not found")
-    try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):
-            what = ", ".join(sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))) or "an object"
-            raise LapoError(f"refused to load {path}: it holds {what}, not only tensors and plain values, and "
-                            "loading it could run code; lapo.py's own checkpoints never do")
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
-    except Exception as e:
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
-    if not isinstance(ck, dict) or ck.get("kind") not in kinds:
-        raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
-    return ck
-
-def config_of(args):
-    return {k: v for k, v in vars(args).items() if k != "func"}
-
-def resume_checkpoint(path, kind, args):
-    """The checkpoint to continue from (None: none yet); refuses to overwrite without --resume or to mix configs."""
-    if not os.path.exists(path):
-        return None
-    if not args.resume:
-        raise LapoError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
-    ck = load_checkpoint(path, (kind,))
-    saved, current = ck["config"], config_of(args)
-    diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
-            and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
-    inputs = [d for k, d in diff.items() if k in INPUT_KEYS]
-    if inputs:
-        raise LapoError(f"{path} was trained on other inputs ({'; '.join(inputs)}); resume it with the data and "
-                        "earlier stages it started with, or use another --out")
-    if diff:
-        raise LapoError(f"{path} was made with a different configuration ({'; '.join(list(diff.values())[:4])}); "
-                        "rerun with the same flags, or use another --out")
-    return ck
-
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-def log_metrics(out, stage, metrics, line=None):
-    """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
-    metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
-    path = os.path.join(out, "metrics.jsonl")
-    line_bytes = (json.dumps(metrics) + "\n").encode()
-    try:  # a failed write is cut back off, so the file never ends in half a line
-        with open(path, "a+b", buffering=0) as f, ctrl_c_deferred():
-            size, done = f.seek(0, os.SEEK_END), 0
-            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
-                tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))
-                size = max(0, size - len(tail)) + tail.rfind(b"\n") + 1
-                f.truncate(size)
-                print(f"note: {path} ended in half a record (a killed run's); it was cut off", flush=True)
-            try:
-                while done < len(line_bytes):
-                    done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
-            except OSError:
-                f.truncate(size)
-                raise
-    except OSError as e:  # a full disk: one line, like a failed checkpoint write
-        raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
-    scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
-               if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for track in TRACKERS:  # the same scalars to TensorBoard, and to W&B with --track
-        track(out, scalars, int(scalars.get(f"{stage}/step", scalars.get(f"{stage}/frames", 0))))
-    if line:
-        print(line, flush=True)
-
-def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per run folder, kept open)
-    """TensorBoard event files in the run folder, beside metrics.jsonl: `tensorboard --logdir runs` shows them."""
-    if out not in writers:
-        from torch.utils.tensorboard import SummaryWriter  # (imported on first use: it takes 2 s)
-        writers[out] = SummaryWriter(out)
-    for k, v in scalars.items():
-        writers[out].add_scalar(k, v, step)
-    writers[out].flush()
-
-def wandb_logger(args):
-    """--track: W&B gets the same scalars. Its run starts with the first ones, when the config also holds what the
-    run trains on (the data's identity, the earlier stages' runs)."""
-    import wandb
-    started = []
-
-    def log(out, scalars, step):
-        if not started:
-            started.append(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
-                                      name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}"))
-        wandb.log(scalars)
-    return log
-
-TRACKERS = [tensorboard]  # main adds wandb_logger with --track
-
-def write_json(path, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-def read_json(path):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError:
-        raise LapoError(f"{path} is corrupt; delete it (the step that wrote it will rerun)")
-
-def write_summary(out, name, summary):
-    write_json(os.path.join(out, f"{name}_summary.json"), summary)
-    print(json.dumps(summary), flush=True)
-
-def normalized_return(game, mean_return, expert_return=None):
-    lo, hi = SCORES[game]
-    hi = hi if expert_return is None else expert_return
-    return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
 
 # ==== DATA: Procgen environments, collection in the authors' layout, loading, windows =========
 def check_game(game):
@@ -1600,6 +1392,11 @@ def stage3_online(args):
     return agent, curve
 
 # ==== EVALUATION ================================================================================
+def normalized_return(game, mean_return, expert_return=None):
+    lo, hi = SCORES[game]
+    hi = hi if expert_return is None else expert_return
+    return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
+
 @torch.no_grad()
 def evaluate_policy(agent, game, episodes, seed, device, amp=False, sample=True, max_steps=None, num_envs=64):
     """Run `episodes` full episodes (the first ones of each env, so short episodes are not over-counted).
@@ -1645,7 +1442,256 @@ def eval_cmd(args):
     print(json.dumps(summary), flush=True)
     return summary
 
-# ==== COMMAND LINE ==============================================================================
+# ==== THE RUN FOLDER AND THE COMMAND LINE ======================================================
+# Plumbing, not the method: one writer per run folder, writes that never leave half a file, checkpoint loading and
+# the resume checks, metrics.jsonl and the trackers, memory, the parser and main. The method above calls these
+# helpers (Python finds a name when the call runs); a first read can stop here.
+LOCK = "lapo.lock"
+
+def check_out(out):
+    """Fail fast, before any data is loaded or model built, when the run folder cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
+
+def _flock(path, exclusive):
+    """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
+    f = open(path, "a+" if exclusive else "r")
+    try:
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        pid = ""
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            pid = f.read().strip()
+        f.close()
+        folder = os.path.dirname(path)
+        raise LapoError(f"{folder} is in use by process {pid or '?'} (its {LOCK}); wait for it to end, or use "
+                        "another --out")
+
+@contextlib.contextmanager
+def run_lock(out):
+    """Own the run folder `out` while a command writes it: an exclusive flock on <out>/lapo.lock, which holds this
+    pid. The kernel drops a flock when its process ends, even by SIGKILL, so a dead run's lock is never in the way.
+    A second writer, into the folder or into one inside it, is refused in one line that names the owner's pid."""
+    if out is None:
+        yield
+        return
+    check_out(out)
+    folder = os.path.abspath(out)
+    path = os.path.join(folder, LOCK)
+    while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
+        folder = os.path.dirname(folder)
+        with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
+            _flock(os.path.join(folder, LOCK), exclusive=False).close()
+    while True:
+        f = _flock(path, exclusive=True)
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break  # the file locked is still the one at the path (its last owner removes it as it ends)
+        f.close()
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        os.remove(path)
+        f.close()
+
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block has finished, then raise it: a write is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
+
+def write_atomic(path, write):
+    """write(file) into a temporary file, then rename: a crash, a full disk or Ctrl-C never leaves a half-written
+    file, and no temporary file stays behind."""
+    tmp = f"{path}.tmp"
+    try:
+        with ctrl_c_deferred():
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # (torch.save reports a failed write as RuntimeError)
+            raise
+        kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
+        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
+
+def save_npz(f, arrays):
+    """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key, value in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        raise LapoError(f"{path} is corrupt; delete it (the step that wrote it will rerun)")
+
+def write_summary(out, name, summary):
+    write_json(os.path.join(out, f"{name}_summary.json"), summary)
+    print(json.dumps(summary), flush=True)
+
+def load_checkpoint(path, kinds):
+    if not os.path.isfile(path):
+        raise LapoError(f"checkpoint {path} not found")
+    try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            what = ", ".join(sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))) or "an object"
+            raise LapoError(f"refused to load {path}: it holds {what}, not only tensors and plain values, and "
+                            "loading it could run code; lapo.py's own checkpoints never do")
+        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
+    except Exception as e:
+        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
+    if not isinstance(ck, dict) or ck.get("kind") not in kinds:
+        raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
+    return ck
+
+# What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
+INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
+# Flags that change nothing about what is computed: they may differ when a run is resumed.
+RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
+                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
+                "func", "episodes", "track", "wandb_project", "wandb_entity"}
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+def resume_checkpoint(path, kind, args):
+    """The checkpoint to continue from (None: none yet); refuses to overwrite without --resume or to mix configs."""
+    if not os.path.exists(path):
+        return None
+    if not args.resume:
+        raise LapoError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
+    ck = load_checkpoint(path, (kind,))
+    saved, current = ck["config"], config_of(args)
+    diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
+            and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
+    inputs = [d for k, d in diff.items() if k in INPUT_KEYS]
+    if inputs:
+        raise LapoError(f"{path} was trained on other inputs ({'; '.join(inputs)}); resume it with the data and "
+                        "earlier stages it started with, or use another --out")
+    if diff:
+        raise LapoError(f"{path} was made with a different configuration ({'; '.join(list(diff.values())[:4])}); "
+                        "rerun with the same flags, or use another --out")
+    return ck
+
+def log_metrics(out, stage, metrics, line=None):
+    """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
+    metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
+    path = os.path.join(out, "metrics.jsonl")
+    line_bytes = (json.dumps(metrics) + "\n").encode()
+    try:  # a failed write is cut back off, so the file never ends in half a line
+        with open(path, "a+b", buffering=0) as f, ctrl_c_deferred():
+            size, done = f.seek(0, os.SEEK_END), 0
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
+                tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))
+                size = max(0, size - len(tail)) + tail.rfind(b"\n") + 1
+                f.truncate(size)
+                print(f"note: {path} ended in half a record (a killed run's); it was cut off", flush=True)
+            try:
+                while done < len(line_bytes):
+                    done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
+            except OSError:
+                f.truncate(size)
+                raise
+    except OSError as e:  # a full disk: one line, like a failed checkpoint write
+        raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
+    scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
+               if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for track in TRACKERS:  # the same scalars to TensorBoard, and to W&B with --track
+        track(out, scalars, int(scalars.get(f"{stage}/step", scalars.get(f"{stage}/frames", 0))))
+    if line:
+        print(line, flush=True)
+
+def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per run folder, kept open)
+    """TensorBoard event files in the run folder, beside metrics.jsonl: `tensorboard --logdir runs` shows them."""
+    if out not in writers:
+        from torch.utils.tensorboard import SummaryWriter  # (imported on first use: it takes 2 s)
+        writers[out] = SummaryWriter(out)
+    for k, v in scalars.items():
+        writers[out].add_scalar(k, v, step)
+    writers[out].flush()
+
+def wandb_logger(args):
+    """--track: W&B gets the same scalars. Its run starts with the first ones, when the config also holds what the
+    run trains on (the data's identity, the earlier stages' runs)."""
+    import wandb
+    started = []
+
+    def log(out, scalars, step):
+        if not started:
+            started.append(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
+                                      name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}"))
+        wandb.log(scalars)
+    return log
+
+TRACKERS = [tensorboard]  # main adds wandb_logger with --track
+
+FRAME_BYTES = 64 * 64 * 3
+ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each beyond the first 64
+
+def available_bytes(device):
+    """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the allocator caches but no tensor uses (an earlier stage's) counts as free
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
+    return None
+
+def check_fits(args):
+    """Refuse, before any work, sizes within their ranges that this machine cannot hold. Each need is a floor (the
+    batch's frames as floats, the codebooks and their distance table, the envs and one rollout of frames), so only
+    requests that surely fail are refused."""
+    needs = []
+    if args.cmd in ("stage1", "stage2"):
+        device = get_device(args)
+        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, device))
+    if args.cmd == "stage1":
+        k_bytes = args.num_codebooks * args.codebook_size * 4
+        needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
+                                                    // args.code_dim // args.num_codebooks), device))
+    if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
+        steps = getattr(args, "num_steps", 1)
+        needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))
+    for flag, need, device in needs:
+        free = available_bytes(device)
+        if free is not None and need > free:
+            raise LapoError(f"{args.cmd}: {flag} asks for at least {need / 2 ** 30:.1f} GiB, but this machine's "
+                            f"{device.type} has {free / 2 ** 30:.1f} GiB free; lower it")
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors (an unknown preset, a missing flag, a value out of range) are LapoErrors: one line."""
 
@@ -1701,40 +1747,6 @@ def apply_preset(args):
     if args.cmd != "eval":
         check_out(args.out)
     return args
-
-FRAME_BYTES = 64 * 64 * 3
-ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each beyond the first 64
-
-def available_bytes(device):
-    """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # memory the allocator caches but no tensor uses (an earlier stage's) counts as free
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/meminfo") as f:
-            return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
-    return None
-
-def check_fits(args):
-    """Refuse, before any work, sizes within their ranges that this machine cannot hold. Each need is a floor (the
-    batch's frames as floats, the codebooks and their distance table, the envs and one rollout of frames), so only
-    requests that surely fail are refused."""
-    needs = []
-    if args.cmd in ("stage1", "stage2"):
-        device = get_device(args)
-        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, device))
-    if args.cmd == "stage1":
-        k_bytes = args.num_codebooks * args.codebook_size * 4
-        needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
-                                                    // args.code_dim // args.num_codebooks), device))
-    if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
-        steps = getattr(args, "num_steps", 1)
-        needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))
-    for flag, need, device in needs:
-        free = available_bytes(device)
-        if free is not None and need > free:
-            raise LapoError(f"{args.cmd}: {flag} asks for at least {need / 2 ** 30:.1f} GiB, but this machine's "
-                            f"{device.type} has {free / 2 ** 30:.1f} GiB free; lower it")
 
 def parse_args(argv=None):
     return apply_preset(build_parser().parse_args(argv))
