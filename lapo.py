@@ -1456,50 +1456,36 @@ def check_out(out):
     except OSError as e:
         raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
 
-def _flock(path, exclusive):
-    """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
+def flock(path, exclusive):
+    """flock `path` without waiting (exclusive: to own a folder; shared: to look at an enclosing one's lock) -> the open
+    file. Held by another process: one line that names its pid."""
     f = open(path, "a+" if exclusive else "r")
     try:
         fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         return f
     except BlockingIOError:
-        pid = ""
-        with contextlib.suppress(OSError):
-            f.seek(0)
-            pid = f.read().strip()
+        f.seek(0)
+        pid = f.read().strip() or "?"
         f.close()
-        folder = os.path.dirname(path)
-        raise LapoError(f"{folder} is in use by process {pid or '?'} (its {LOCK}); wait for it to end, or use "
-                        "another --out")
+        raise LapoError(f"{os.path.dirname(path)} is in use by process {pid} (its {LOCK}); wait for it to end, or use "
+                        "another --out") from None
 
 @contextlib.contextmanager
 def run_lock(out):
-    """Own the run folder `out` while a command writes it: an exclusive flock on <out>/lapo.lock, which holds this
-    pid. The kernel drops a flock when its process ends, even by SIGKILL, so a dead run's lock is never in the way.
-    A second writer, into the folder or into one inside it, is refused in one line that names the owner's pid."""
-    if out is None:
-        yield
-        return
+    """One writer per run folder: an exclusive flock on <out>/lapo.lock, which holds the owner's pid, while a command
+    runs. The kernel drops a flock when its process ends, even by SIGKILL; the file stays, so that every writer locks
+    the same file. A folder inside a locked one is refused too (videos import locks the folder above its output)."""
     check_out(out)
     folder = os.path.abspath(out)
-    path = os.path.join(folder, LOCK)
-    while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
+    while folder != os.path.dirname(folder):
         folder = os.path.dirname(folder)
         with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
-            _flock(os.path.join(folder, LOCK), exclusive=False).close()
-    while True:
-        f = _flock(path, exclusive=True)
-        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
-            break  # the file locked is still the one at the path (its last owner removes it as it ends)
-        f.close()
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
+            flock(os.path.join(folder, LOCK), exclusive=False).close()
+    with flock(os.path.join(out, LOCK), exclusive=True) as f:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
         yield
-    finally:
-        os.remove(path)
-        f.close()
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
@@ -1757,7 +1743,8 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
     args = None
     try:
         args = parse(argv)
-        with run_lock(None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)):
+        out = None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)
+        with run_lock(out) if out else contextlib.nullcontext():
             if getattr(args, "track", False):
                 TRACKERS.append(wandb_logger(args))
             args.func(args)
