@@ -33,10 +33,8 @@ import math
 import os
 import pickle
 import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import warnings
@@ -1487,30 +1485,14 @@ def run_lock(out):
         f.flush()
         yield
 
-@contextlib.contextmanager
-def ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) until the block has finished, then raise it: a write is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            raise KeyboardInterrupt
-
 def write_atomic(path, write):
-    """write(file) into a temporary file, then rename: a crash, a full disk or Ctrl-C never leaves a half-written
-    file, and no temporary file stays behind."""
+    """write(file) into <path>.tmp, then rename it to `path`: a crash, a full disk or Ctrl-C before the rename leaves
+    the previous version. The temporary file is removed when the write fails."""
     tmp = f"{path}.tmp"
     try:
-        with ctrl_c_deferred():
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1598,7 +1580,7 @@ def log_metrics(out, stage, metrics, line=None):
     path = os.path.join(out, "metrics.jsonl")
     line_bytes = (json.dumps(metrics) + "\n").encode()
     try:  # a failed write is cut back off, so the file never ends in half a line
-        with open(path, "a+b", buffering=0) as f, ctrl_c_deferred():
+        with open(path, "a+b", buffering=0) as f:
             size, done = f.seek(0, os.SEEK_END), 0
             if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
                 tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))

@@ -1857,8 +1857,8 @@ def file_size_limit(nbytes):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file-size limit")
 def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
     """A chunk write cut by a full disk: one line, no temporary file, no zip noise on stderr. A metrics.jsonl append
-    cut the same way leaves the file as it was (never half a line). Ctrl-C during a write lets it finish, then
-    stops."""
+    cut the same way leaves the file as it was (never half a line). Ctrl-C during a write leaves the previous
+    version and no temporary file."""
     chunk = {"obs": np.zeros((64, 64, 64, 3), np.uint8), "ta": np.zeros(64, np.int64)}
     path, unraisable = tmp_path / "0.npz", []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # what would print "Exception ignored in ..."
@@ -1872,15 +1872,16 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
         lapo.log_metrics(str(tmp_path), "stage1", {"step": 2, "long": "x" * 200})
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
-    def interrupted_write(f):  # Ctrl-C arrives in the middle of the chunk
+    lapo.write_atomic(str(path), lambda f: lapo.save_npz(f, chunk))  # a first version
+
+    def interrupted_write(f):  # Ctrl-C arrives in the middle of the next version
         f.write(b"half")
         os.kill(os.getpid(), signal.SIGINT)
-        lapo.save_npz(f, chunk)
 
     with pytest.raises(KeyboardInterrupt):
-        lapo.write_atomic(str(path), lambda f: (f.truncate(0), f.seek(0), interrupted_write(f)))
+        lapo.write_atomic(str(path), interrupted_write)
     written = sorted(f for f in os.listdir(tmp_path) if not f.startswith("events.out.tfevents"))  # (TensorBoard's)
-    assert written == ["0.npz", "metrics.jsonl"]  # finished and renamed, then stopped
+    assert written == ["0.npz", "metrics.jsonl"] and np.load(path)["ta"].shape == (64,)  # the first version, no .tmp
 
 
 def test_a_torn_metrics_line_is_cut_off_by_the_writer_and_skipped_by_the_reader(tmp_path, capsys):
@@ -1920,7 +1921,7 @@ def test_interrupted_collect_leaves_nothing_a_stage_would_read(tmp_path, monkeyp
         lapo.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and "bigfish.partial" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["bigfish.partial"]
+    assert sorted(os.listdir(tmp_path)) == ["bigfish.partial", "lapo.lock"]  # (collect's lock file stays)
     assert sorted(os.listdir(tmp_path / "bigfish.partial/train")) == ["0.npz"]  # no .tmp
     monkeypatch.setattr(lapo, "save_npz", real)
     with pytest.raises(SystemExit) as e:
@@ -1929,7 +1930,8 @@ def test_interrupted_collect_leaves_nothing_a_stage_would_read(tmp_path, monkeyp
     assert e.value.code == 2 and "holds an interrupted collection" in err and len(err.strip().splitlines()) == 1
     shutil.rmtree(tmp_path / "bigfish.partial")
     lapo.main(argv)
-    assert sorted(os.listdir(tmp_path)) == ["bigfish"] and lapo.load_split(str(tmp_path / "bigfish"), "train")
+    assert sorted(os.listdir(tmp_path)) == ["bigfish", "lapo.lock"]
+    assert lapo.load_split(str(tmp_path / "bigfish"), "train")
 
 
 def test_action_free_data_trains(tmp_path):
@@ -2534,7 +2536,8 @@ def test_video_export_then_import_round_trips_episodes_done_and_actions(tmp_path
     episodes += [(obs1[:5], ta1[:5]), (obs1[5:], ta1[5:])]
     assert videos_main("export", "--data", data, "--split", "test", "--out", tmp_path / "mp4") == 0
     assert "6 episodes" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "mp4")) == sorted(f"{k}.{x}" for k in range(6) for x in ("mp4", "actions.npy"))
+    assert sorted(os.listdir(tmp_path / "mp4")) == sorted(["lapo.lock"] + [f"{k}.{x}" for k in range(6)
+                                                                         for x in ("mp4", "actions.npy")])
     assert videos_main("import", tmp_path / "mp4", "--out", tmp_path / "back/g", "--test-fraction", "0.34") == 0
     summary = json.load(open(tmp_path / "back/g/import_summary.json"))
     assert summary["train"]["labels"] and summary["test"]["labels"] and summary["test"]["videos"] == 2
@@ -2553,7 +2556,7 @@ def test_video_export_then_import_round_trips_episodes_done_and_actions(tmp_path
     assert summary["test"]["files"] == ["4.mp4", "5.mp4"]
     assert summary["train"]["files"] == [f"{k}.mp4" for k in range(4)]
     assert videos_main("export", "--data", data, "--out", tmp_path / "two", "--episodes", "2") == 0
-    assert sorted(os.listdir(tmp_path / "two")) == ["0.actions.npy", "0.mp4", "1.actions.npy", "1.mp4"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["0.actions.npy", "0.mp4", "1.actions.npy", "1.mp4", "lapo.lock"]
     assert len(decode_rgb(tmp_path / "two/1.mp4")) == 9
 
 
@@ -2600,7 +2603,7 @@ def test_video_play_records_each_envs_first_episode_with_its_return(tmp_path, ca
     lengths = [min(env.length.get(e, 40), 40) for e in range(2)]
     assert lengths[1] == 10 and env.t == max(lengths)  # stepped until every first episode had ended or was cut
     assert len(printed) == 2 and sorted(os.listdir(tmp_path / "play")) == sorted(
-        f"episode{e}_return{r:.1f}.mp4" for e, r in enumerate(env.gain))
+        [f"episode{e}_return{r:.1f}.mp4" for e, r in enumerate(env.gain)] + ["lapo.lock"])
     for e, r in enumerate(env.gain):
         path = tmp_path / f"play/episode{e}_return{r:.1f}.mp4"
         assert any(ln.startswith(f"play: {path}: return {r:.1f},") for ln in printed), printed
@@ -2637,7 +2640,8 @@ def test_video_bad_input_is_one_line(tmp_path, capsys):
         assert any(ln.startswith(f"import: skipped {name}: ") and why in ln for ln in skips), (name, skips)
     summary = json.load(open(tmp_path / "d/g/import_summary.json"))
     assert (summary["imported"], summary["skipped"], len(summary["skipped_videos"])) == (2, 6, 6)
-    assert summary["decoded_frames"] == 24 and sorted(os.listdir(tmp_path / "d")) == ["g"]  # skipped: no chunk left
+    assert summary["decoded_frames"] == 24  # a skipped video leaves no chunk:
+    assert sorted(os.listdir(tmp_path / "d")) == ["g", "lapo.lock"]
     assert len(read_chunks(tmp_path / "d/g", "train")) == len(read_chunks(tmp_path / "d/g", "test")) == 1
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing/a.txt").write_text("x")
@@ -2662,6 +2666,6 @@ def test_video_bad_input_is_one_line(tmp_path, capsys):
     shutil.copy(src / "corrupt.mp4", tmp_path / "two")
     assert videos_main("import", tmp_path / "two", "--out", tmp_path / "n/g") == 2
     assert "1 of 2 videos could be imported" in capsys.readouterr().err
-    assert os.listdir(tmp_path / "n") == []
+    assert os.listdir(tmp_path / "n") == ["lapo.lock"]
     one_line_error(run_tool("videos", "import", tmp_path / "nothing", "--out", tmp_path / "n/g", ok=False),
                    "no video files")  # a real process
