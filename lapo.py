@@ -1578,21 +1578,10 @@ def log_metrics(out, stage, metrics, line=None):
     """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
     metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
     path = os.path.join(out, "metrics.jsonl")
-    line_bytes = (json.dumps(metrics) + "\n").encode()
-    try:  # a failed write is cut back off, so the file never ends in half a line
-        with open(path, "a+b", buffering=0) as f:
-            size, done = f.seek(0, os.SEEK_END), 0
-            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
-                tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))
-                size = max(0, size - len(tail)) + tail.rfind(b"\n") + 1
-                f.truncate(size)
-                print(f"note: {path} ended in half a record (a killed run's); it was cut off", flush=True)
-            try:
-                while done < len(line_bytes):
-                    done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
-            except OSError:
-                f.truncate(size)
-                raise
+    try:  # one write of the whole line; where a killed writer left half a line, a newline first, so it stays alone
+        with open(path, "a+b") as f:
+            torn = f.tell() > 0 and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n"
+            f.write(b"\n" * torn + (json.dumps(metrics) + "\n").encode())
     except OSError as e:  # a full disk: one line, like a failed checkpoint write
         raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
     scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
