@@ -31,8 +31,6 @@ import io
 import json
 import math
 import os
-import pickle
-import re
 import sys
 import tempfile
 import time
@@ -1532,14 +1530,9 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"checkpoint {path} not found")
     try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):
-            what = ", ".join(sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))) or "an object"
-            raise LapoError(f"refused to load {path}: it holds {what}, not only tensors and plain values, and "
-                            "loading it could run code; lapo.py's own checkpoints never do")
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
     except Exception as e:
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
+        raise LapoError(f"refused to load {path} ({type(e).__name__}): not a readable checkpoint of lapo.py, which "
+                        "holds only tensors and plain values (loading anything else could run code)") from None
     if not isinstance(ck, dict) or ck.get("kind") not in kinds:
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
     return ck

@@ -1831,7 +1831,7 @@ def test_a_shared_checkpoint_never_runs_code(tmp_path):
     load every kind)."""
     marker = tmp_path / "payload_ran"
     torch.save({"kind": "policy", "agent": "impala", "x": Payload(marker)}, tmp_path / "e.pt")
-    one_line_error(run_cli("eval", "--checkpoint", tmp_path / "e.pt", ok=False), "refused", "system", "run code")
+    one_line_error(run_cli("eval", "--checkpoint", tmp_path / "e.pt", ok=False), "refused", "run code")
     with pytest.raises(lapo.LapoError, match="refused"):
         lapo.load_checkpoint(str(tmp_path / "e.pt"), ("policy",))
     assert not marker.exists()
