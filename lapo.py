@@ -97,6 +97,7 @@ def int_list(text):
 POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
 PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
 NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
+ENVS = num(int, 1, 4096)  # Procgen envs: 4,096 take about 1 GiB; far more crash Procgen itself, below Python
 FLAGS = []  # (option strings, commands, type, default, help, other argparse keywords)
 
 def flag(names, cmds, type=None, default=None, help="", **kw):
@@ -169,11 +170,11 @@ flag("--frames", "collect", POS, P(2_621_440, 65_536, 2048), "train frames (pape
 flag("--test-frames", "collect", POS, P(65_536, 8192, 1024), "test-split frames")
 flag("--chunk-len", "collect", POS, 32768, "frames per train chunk (the authors': 32,768)")
 flag("--test-chunk-len", "collect", POS, 4096, "frames per test chunk (the authors': 4,096)")
-flag("--num-envs", "collect", POS, P(64, 64, 8), "parallel envs; a chunk holds one segment per env")
+flag("--num-envs", "collect", ENVS, P(64, 64, 8), "parallel envs; a chunk holds one segment per env")
 flag("--frames", "stage3", POS, P(4_000_000, 131_072, 2048), "online: env frames")
 flag("--frames", "expert", POS, P(25_000_000, 786_432, 2048), "env frames (the paper's PPO-from-scratch baseline: "
      "4M)")
-flag("--num-envs", PPO, POS, P(64, 32, 8), "parallel envs")
+flag("--num-envs", PPO, ENVS, P(64, 32, 8), "parallel envs")
 flag("--num-steps", "stage3", POS, P(64, 64, 32), "steps per env per rollout")
 flag("--num-steps", "expert", POS, P(256, 128, 32), "steps per env per rollout")
 flag("--lr", "stage3", RATE, 1e-2, "online: peak Adam learning rate (each parameter group ramps to a share of it)")
@@ -410,9 +411,10 @@ class FrameData:
     def to(self, device):
         """Move the uint8 frames to the device when they fit there with room to spare (at most half its free memory;
         12 KiB per frame, the paper's 2.6M frames are 32 GB). Otherwise they stay in host memory: batches move."""
-        free = available_bytes(device) if device.type == "cuda" else None
-        if free is not None and self.obs.numel() <= free // 2:
-            self.obs, self.centres = self.obs.to(device), self.centres.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # memory cached for an earlier stage's freed tensors counts as free
+            if self.obs.numel() <= torch.cuda.mem_get_info(device)[0] // 2:
+                self.obs, self.centres = self.obs.to(device), self.centres.to(device)
         return self
 
     def sample(self, n, gen):
@@ -1608,40 +1610,6 @@ def wandb_logger(args):
 
 TRACKERS = [tensorboard]  # main adds wandb_logger with --track
 
-FRAME_BYTES = 64 * 64 * 3
-ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each beyond the first 64
-
-def available_bytes(device):
-    """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # memory the allocator caches but no tensor uses (an earlier stage's) counts as free
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/meminfo") as f:
-            return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
-    return None
-
-def check_fits(args):
-    """Refuse, before any work, sizes within their ranges that this machine cannot hold. Each need is a floor (the
-    batch's frames as floats, the codebooks and their distance table, the envs and one rollout of frames), so only
-    requests that surely fail are refused."""
-    needs = []
-    if args.cmd in ("stage1", "stage2"):
-        device = get_device(args)
-        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, device))
-    if args.cmd == "stage1":
-        k_bytes = args.num_codebooks * args.codebook_size * 4
-        needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
-                                                    // args.code_dim // args.num_codebooks), device))
-    if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
-        steps = getattr(args, "num_steps", 1)
-        needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))
-    for flag, need, device in needs:
-        free = available_bytes(device)
-        if free is not None and need > free:
-            raise LapoError(f"{args.cmd}: {flag} asks for at least {need / 2 ** 30:.1f} GiB, but this machine's "
-                            f"{device.type} has {free / 2 ** 30:.1f} GiB free; lower it")
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors (an unknown preset, a missing flag, a value out of range) are LapoErrors: one line."""
 
@@ -1693,7 +1661,6 @@ def apply_preset(args):
                             f"minibatch of a {rollout}-frame rollout")
     if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
         raise LapoError("--track logs to Weights & Biases, which is not installed: pip install wandb")
-    check_fits(args)
     if args.cmd != "eval":
         check_out(args.out)
     return args
@@ -1701,9 +1668,15 @@ def apply_preset(args):
 def parse_args(argv=None):
     return apply_preset(build_parser().parse_args(argv))
 
+# Out of memory: sizes are not predicted. An allocation the machine refuses is one line that names the flags to lower
+# (those of the command's that size its memory); a size the kernel accepts and then cannot back ends with its kill.
+SIZE_FLAGS = ("--num-envs", "--num-steps", "--chunk-len", "--batch-size", "--max-chunks", "--impala-scale",
+              "--fdm-width", "--codebook-size")
+CPU_REFUSAL = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError where the OS refuses host memory
+
 def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact, continue with --resume"):
-    """Run args.func (lapo's commands, or a tool's): a user error is one line and exit code 2, an interrupt one line
-    that says how to continue."""
+    """Run args.func (lapo's commands, or a tool's) holding its --out: a user error is one line and exit code 2, an
+    allocation the machine refuses too, an interrupt one line that says how to continue."""
     args = None
     try:
         args = parse(argv)
@@ -1714,6 +1687,14 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
             args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # exactly: Python's own, CUDA's and torch's CPU allocator's refusals
+        what = (str(e).splitlines() or [type(e).__name__])[0]
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and CPU_REFUSAL not in what:
+            raise
+        sizes = [n for names, cmds, *_ in FLAGS if getattr(args, "cmd", None) in cmds for n in names if n in SIZE_FLAGS]
+        print(f"error: out of memory ({what}); lower {', '.join(sizes) or 'its sizes'}; "
+              f"{getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; {getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
