@@ -1514,15 +1514,6 @@ def save_atomic(obj, path):
 def write_json(path, obj):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
-def read_json(path):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError:
-        raise LapoError(f"{path} is corrupt; delete it (the step that wrote it will rerun)")
-
 def write_summary(out, name, summary):
     write_json(os.path.join(out, f"{name}_summary.json"), summary)
     print(json.dumps(summary), flush=True)
