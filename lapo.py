@@ -319,7 +319,6 @@ def collect(args):
         if meta.get("game") not in (None, args.env):
             raise LapoError(f"{args.policy} was trained on {meta['game']}, not {args.env}")
     amp, summaries = use_amp(args, device), {}
-    args.collected = summaries  # each split's summary, for callers (bench)
     root = os.path.join(args.out, args.env)
     part = f"{root}.partial"  # written here and renamed to root once complete: no stage reads half a collection
     if os.path.exists(part):
