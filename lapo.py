@@ -1529,8 +1529,6 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
     return ck
 
-# What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
-INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
 # Flags that change nothing about what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
                 "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
@@ -1550,13 +1548,10 @@ def resume_checkpoint(path, kind, args):
     diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
             if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
             and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
-    inputs = [d for k, d in diff.items() if k in INPUT_KEYS]
-    if inputs:
-        raise LapoError(f"{path} was trained on other inputs ({'; '.join(inputs)}); resume it with the data and "
-                        "earlier stages it started with, or use another --out")
-    if diff:
-        raise LapoError(f"{path} was made with a different configuration ({'; '.join(list(diff.values())[:4])}); "
-                        "rerun with the same flags, or use another --out")
+    if diff:  # first what it trained on, recorded in its config by the stages: the data, the earlier stages' runs
+        shown = sorted(diff, key=lambda k: k not in ("data_identity", "stage1_run", "stage2_run"))[:4]
+        raise LapoError(f"{path} was made with other inputs or flags ({'; '.join(diff[k] for k in shown)}); resume it "
+                        "with the data, earlier stages and flags it started with, or use another --out")
     return ck
 
 def log_metrics(out, stage, metrics, line=None):

@@ -412,7 +412,7 @@ def test_resume_continues_exactly_and_config_mismatch_is_refused(tmp_path, monke
             assert torch.equal(a, b), k
     with pytest.raises(lapo.LapoError, match="already exists"):
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b")]), train, test)
-    with pytest.raises(lapo.LapoError, match="different configuration"):
+    with pytest.raises(lapo.LapoError, match="other inputs or flags"):
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b"), "--resume", "--fdm-width", "8"]), train, test)
     ck = torch.load(tmp_path / "b/stage1.pt", weights_only=False)  # a flag since removed, saved switched off:
     ck["config"]["removed_flag"] = 0.0
@@ -1027,9 +1027,9 @@ def test_stage2_resume_is_exact_and_overwrite_or_config_change_is_refused(stage1
     assert ck["kind"] == "stage2" and ck["step"] == 3 and not os.path.exists(b / "stage2.pt.tmp")
     with pytest.raises(lapo.LapoError, match="already exists"):  # no --resume: refused, the checkpoint kept
         lapo.stage2(lapo.parse_args(base + ["--out", str(b)]), train, test)
-    with pytest.raises(lapo.LapoError, match="different configuration.*lr"):
+    with pytest.raises(lapo.LapoError, match="other inputs or flags.*lr"):
         lapo.stage2(lapo.parse_args(base + ["--out", str(b), "--resume", "--lr", "1e-3"]), train, test)
-    with pytest.raises(lapo.LapoError, match="different configuration.*batch_size"):
+    with pytest.raises(lapo.LapoError, match="other inputs or flags.*batch_size"):
         lapo.stage2(lapo.parse_args(base + ["--out", str(b), "--resume", "--batch-size", "8"]), train, test)
     same_state(ck, torch.load(b / "stage2.pt", weights_only=False), "checkpoint after the refusals")
     resumed, s = lapo.stage2(lapo.parse_args(base + ["--out", str(b), "--resume"]), train, test)
@@ -1111,9 +1111,9 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
 
     with pytest.raises(lapo.LapoError, match="already exists"):
         ppo_run(tmp_path / "b", monkeypatch)
-    with pytest.raises(lapo.LapoError, match="different configuration.*lr"):
+    with pytest.raises(lapo.LapoError, match="other inputs or flags.*lr"):
         ppo_run(tmp_path / "b", monkeypatch, "--resume", "--lr", "1e-3")
-    with pytest.raises(lapo.LapoError, match="different configuration.*num_steps"):
+    with pytest.raises(lapo.LapoError, match="other inputs or flags.*num_steps"):
         ppo_run(tmp_path / "b", monkeypatch, "--resume", "--num-steps", "32")
     same_state(ck, torch.load(path, weights_only=False), "checkpoint after the refusals")
     ck["norm"]["ret"] += 1.0  # running returns in flight at the kill (tiny's first update may see no reward)
@@ -1771,10 +1771,10 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     with pytest.raises(lapo.LapoError, match="stage1.pt stopped at step 2 of 4; finish it first"):
         run("stage2", "a", reads=False)  # a killed stage 1 is never built on
     for data, extra, now in (("a", ["--max-chunks", "1"], "train 1 chunks, \\w+; test 2"), ("other", [], "train 2")):
-        with pytest.raises(lapo.LapoError, match="trained on other inputs \\(data_identity: 'train 2 chunks, \\w+; "
+        with pytest.raises(lapo.LapoError, match="other inputs or flags \\(data_identity: 'train 2 chunks, \\w+; "
                            f"test 2 chunks, \\w+' -> '{now}"):  # (--max-chunks cuts the train split only)
             run("stage1", data, "--resume", *extra, reads=False)
-    for extra, refusal in (([], "already exists; pass --resume"), (["--resume", "--fdm-width", "8"], "different conf")):
+    for extra, refusal in (([], "already exists; pass --resume"), (["--resume", "--fdm-width", "8"], "or flags")):
         with pytest.raises(lapo.LapoError, match=refusal):
             run("stage1", "a", *extra, reads=False)
     assert run("stage1", "moved", "--resume")[2]["step"] == 4  # the same chunks elsewhere: resumed
@@ -1785,7 +1785,7 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     os.rename(tmp_path / "r/stage2.pt", tmp_path / "stage2_first.pt")
     run("stage1", "a")  # another stage-1 run takes its place
     os.rename(tmp_path / "stage2_first.pt", tmp_path / "r/stage2.pt")
-    with pytest.raises(lapo.LapoError, match=f"trained on other inputs \\(stage1_run: '{first_run}' -> '"):
+    with pytest.raises(lapo.LapoError, match=f"made with other inputs or flags \\(stage1_run: '{first_run}' -> '"):
         run("stage2", "a", "--resume", reads=False)
     shutil.copy(tmp_path / "r/stage1.pt", tmp_path / "stage1_second.pt")
     os.replace(tmp_path / "stage1_first.pt", tmp_path / "r/stage1.pt")  # its own stage 1 back: resumed
