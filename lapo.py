@@ -1,16 +1,10 @@
 """LAPO: Learning to Act without Actions (Schmidt & Jiang, ICLR 2024, arXiv 2312.10812).
 
-One file, read top to bottom like the paper. The map (each section starts with a `# ====` banner):
-  configuration  FLAGS: every flag of every command, with its value under the paper, small and tiny presets
-  utilities      seeding, bf16 autocast, `preprocess` (uint8 frames -> floats in [-0.5, 0.5]), `optimize`
-  data           `Envs` (Procgen), `collect`, `load_split` -> `FrameData`, whose windows never cross an episode end
-  networks       `ImpalaCNN`, `VectorQuantizer`, `IDM`, `FDM` (U-Net), `Decoder`, the agents (`OnlineAgent`: RL+SL)
-  stage 1        the loss in `build_stage1.train_step`: the FDM predicts o_{t+1} through the IDM's quantized latent
-  stage 2        `build_stage2.train_step`: the latent policy pi(o_t) regresses the IDM's pre-quantization latent
-  stage 3        `stage3_offline` (a decoder from a few labeled frames); `ppo`, `expert`, `stage3_online` (RL+SL)
-  evaluation     `evaluate_policy`, `evaluate_agent`
-  run folder and command line (plumbing, last): the lock, atomic writes, checkpoints and resume checks, metrics
-                 and trackers, out of memory, the parser and `main`.
+One file in the paper's order, each part under a `# ====` banner: the flag table FLAGS (every hyperparameter, at its
+paper, small and tiny values); utilities (seeding, autocast, `preprocess`, `optimize`); data (`Envs`, `collect`,
+`load_split` -> `FrameData`: windows inside one episode); networks (`IDM` with its `VectorQuantizer`, the `FDM` U-Net,
+`Decoder`, agents); stage 1 (its loss: `build_stage1.train_step`); stage 2 (`build_stage2.train_step`); stage 3
+(`stage3_offline`; `ppo`, `stage3_online`); evaluation. Last, the plumbing: lock, writes, checkpoints, metrics, main.
 
     python lapo.py collect --env bigfish --out data            # observation-only video (+ labeled test split)
     python lapo.py stage1  --data data/bigfish --out runs/bigfish   # latent IDM + FDM, no actions used
@@ -19,7 +13,6 @@ One file, read top to bottom like the paper. The map (each section starts with a
     python lapo.py stage3  --mode online --out runs/bigfish         # PPO with the RL+SL policy
     python tools/pipeline.py --env bigfish --preset small --out runs/demo  # all of it + baselines, results.md
     python tools/bench.py --preset paper                       # throughput of every stage on this machine
-Every command takes --preset paper|small|tiny (default paper; pipeline: small); explicit flags override it.
 """
 import argparse
 import contextlib
@@ -279,7 +272,6 @@ class Envs:
     """Procgen vector env (easy mode, full level distribution) that also tracks episode returns."""
 
     def __init__(self, game, num_envs, seed):
-        check_game(game)
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # gym 0.26 prints a deprecation banner on import
             try:
@@ -288,8 +280,7 @@ class Envs:
                 raise LapoError("procgen is not installed: pip install -r requirements.txt") from None
         self.env = ProcgenEnv(num_envs=num_envs, env_name=game, distribution_mode="easy",
                               num_levels=0, start_level=0, rand_seed=int(seed))
-        self.num_envs = num_envs
-        self.ret = np.zeros(num_envs, np.float64)
+        self.num_envs, self.ret = num_envs, np.zeros(num_envs, np.float64)
 
     def reset(self):
         return self.env.reset()["rgb"]
@@ -377,15 +368,6 @@ def _npz_member(z, key):
     f = z.open(f"{key}.npy")
     shape, fortran, dtype = np.lib.format._read_array_header(f, np.lib.format.read_magic(f))
     return f, shape, fortran, dtype
-
-def _read_into(f, out):
-    """Stream raw bytes from `f` straight into the contiguous array `out`: no temporary copy of the chunk."""
-    view, got = memoryview(out).cast("B"), 0
-    while got < len(view):
-        n = f.readinto(view[got:got + (1 << 20)])  # 1 MiB at a time: the only temporary buffer
-        if not n:
-            raise EOFError("chunk ends early")
-        got += n
 
 class FrameData:
     """All frames of one split in ONE contiguous uint8 array (N, 64, 64, 3); windows are gathered by index.
@@ -502,9 +484,14 @@ def load_split(folder, split, max_chunks=None):
     for p, s in zip(paths, sizes):
         try:
             with np.load(p) as z:
-                with _npz_member(z.zip, "obs")[0] as f:  # obs streamed in; the small arrays through np.load
-                    _read_into(f, obs[o:o + s])
-                if "done" in z.files:
+                with _npz_member(z.zip, "obs")[0] as f:  # obs streamed straight into its place, 1 MiB at a time
+                    view, got = memoryview(obs[o:o + s]).cast("B"), 0  # (no copy of the chunk)
+                    while got < len(view):
+                        n = f.readinto(view[got:got + (1 << 20)])
+                        if not n:
+                            raise EOFError("chunk ends early")
+                        got += n
+                if "done" in z.files:  # the small arrays through np.load
                     done[o:o + s] = z["done"]
                 if ta is not None:
                     ta[o:o + s] = z["ta"]
@@ -871,9 +858,8 @@ def stage_setup(args, train_data, device, **modules):
     return modules, params, opt, use_amp(args, device)
 
 def run_stage(stage, build, args, train, test):
-    """Check that --out may take this run (a resume must continue the same configuration on the same inputs) before
-    any frame is read; then load the splits, build the stage, train it with train_loop, write its summary.
-    -> (modules, summary)"""
+    """Check that --out may take this run (a resume must continue the same flags on the same inputs) before any frame
+    is read; then load the splits, build the stage, train it with train_loop, write a summary. -> (modules, summary)"""
     given = {"train": train, "test": test}  # (tests pass FrameData; the commands read --data)
     ids = {s: d.identity if d else data_identity(chunk_paths(args.data, s, args.max_chunks if s == "train" else None))
            for s, d in given.items()}
@@ -1439,10 +1425,7 @@ def eval_cmd(args):
     print(json.dumps(summary), flush=True)
     return summary
 
-# ==== THE RUN FOLDER AND THE COMMAND LINE ======================================================
-# Plumbing, not the method: one writer per run folder, writes that never leave half a file, checkpoint loading and
-# the resume checks, metrics.jsonl and the trackers, memory, the parser and main. The method above calls these
-# helpers (Python finds a name when the call runs); a first read can stop here.
+# ==== THE RUN FOLDER AND THE COMMAND LINE: plumbing the method calls (a first read can stop here) ======
 LOCK = "lapo.lock"
 
 def check_out(out):
@@ -1454,24 +1437,21 @@ def check_out(out):
         raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
 
 def flock(path, exclusive):
-    """flock `path` without waiting (exclusive: to own a folder; shared: to look at an enclosing one's lock) -> the open
-    file. Held by another process: one line that names its pid."""
+    """flock `path` without waiting -> the open file; where another process holds it, one line that names its pid."""
     f = open(path, "a+" if exclusive else "r")
     try:
         fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        return f
     except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise LapoError(f"{os.path.dirname(path)} is in use by process {pid} (its {LOCK}); wait for it to end, or use "
-                        "another --out") from None
+        with f:
+            f.seek(0)
+            raise LapoError(f"{os.path.dirname(path)} is in use by process {f.read().strip() or '?'} (its {LOCK}); "
+                            "wait for it to end, or use another --out") from None
+    return f
 
 @contextlib.contextmanager
 def run_lock(out):
-    """One writer per run folder: an exclusive flock on <out>/lapo.lock, which holds the owner's pid, while a command
-    runs. The kernel drops a flock when its process ends, even by SIGKILL; the file stays, so that every writer locks
-    the same file. A folder inside a locked one is refused too (videos import locks the folder above its output)."""
+    """One writer per run folder: an exclusive flock on <out>/lapo.lock (holding the owner's pid) while a command runs;
+    the kernel drops it with the process, and the file stays. Folders inside a locked one count too (videos import)."""
     check_out(out)
     folder = os.path.abspath(out)
     while folder != os.path.dirname(folder):
@@ -1485,20 +1465,18 @@ def run_lock(out):
         yield
 
 def write_atomic(path, write):
-    """write(file) into <path>.tmp, then rename it to `path`: a crash, a full disk or Ctrl-C before the rename leaves
-    the previous version. The temporary file is removed when the write fails."""
+    """write(file) into <path>.tmp, then os.replace it: a crash, full disk or Ctrl-C before that leaves the old file."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):  # (torch.save reports a failed write as RuntimeError)
-            raise
+    except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as RuntimeError)
         kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
         raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
+    finally:
+        with contextlib.suppress(OSError):  # (after the rename there is none)
+            os.remove(tmp)
 
 def save_npz(f, arrays):
     """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
@@ -1581,8 +1559,7 @@ def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per r
     writers[out].flush()
 
 def wandb_logger(args):
-    """--track: W&B gets the same scalars. Its run starts with the first ones, when the config also holds what the
-    run trains on (the data's identity, the earlier stages' runs)."""
+    """--track: the same scalars to W&B, whose run starts with the first (its config then holds the run's inputs)."""
     import wandb
     started = []
 
@@ -1624,9 +1601,10 @@ def build_parser():
                 sp.add_argument(*names, default=default, help=text, **({"type": type} if type else {}), **kw)
     return p
 
-def apply_preset(args):
-    """Give every flag left at its P(paper, small, tiny) default the value of --preset, then check what one flag's
-    range cannot: combinations, and values that must match the data or the other flags."""
+def parse_args(argv=None):
+    """The command line -> args: every flag left at its P(paper, small, tiny) default takes the value of --preset;
+    then the checks one flag's range cannot make: combinations, and values that must match the data or other flags."""
+    args = build_parser().parse_args(argv)
     for k, v in list(vars(args).items()):
         if isinstance(v, P):
             setattr(args, k, v[PRESETS.index(args.preset)])
@@ -1650,23 +1628,17 @@ def apply_preset(args):
         check_out(args.out)
     return args
 
-def parse_args(argv=None):
-    return apply_preset(build_parser().parse_args(argv))
-
-# Out of memory: sizes are not predicted. An allocation the machine refuses is one line that names the flags to lower
-# (those of the command's that size its memory); a size the kernel accepts and then cannot back ends with its kill.
+# The flags that size what a command holds in memory: the line for an allocation the machine refuses names its own.
 SIZE_FLAGS = ("--num-envs", "--num-steps", "--chunk-len", "--batch-size", "--max-chunks", "--impala-scale",
               "--fdm-width", "--codebook-size")
-CPU_REFUSAL = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError where the OS refuses host memory
 
 def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact, continue with --resume"):
-    """Run args.func (lapo's commands, or a tool's) holding its --out: a user error is one line and exit code 2, an
-    allocation the machine refuses too, an interrupt one line that says how to continue."""
+    """Run args.func (lapo's commands, or a tool's) holding its --out. A user error is one line and exit code 2, and so
+    is an allocation the machine refuses (a size the kernel accepts, then cannot back, ends with its kill instead)."""
     args = None
     try:
         args = parse(argv)
-        out = None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)
-        with run_lock(out) if out else contextlib.nullcontext():
+        with run_lock(args.out) if getattr(args, "out", None) else contextlib.nullcontext():  # (eval has no --out)
             if getattr(args, "track", False):
                 TRACKERS.append(wandb_logger(args))
             args.func(args)
@@ -1674,12 +1646,11 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # exactly: Python's own, CUDA's and torch's CPU allocator's refusals
-        what = (str(e).splitlines() or [type(e).__name__])[0]
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and CPU_REFUSAL not in what:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "DefaultCPUAllocator: can't" not in str(e):
             raise
         sizes = [n for names, cmds, *_ in FLAGS if getattr(args, "cmd", None) in cmds for n in names if n in SIZE_FLAGS]
-        print(f"error: out of memory ({what}); lower {', '.join(sizes) or 'its sizes'}; "
-              f"{getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
+        print(f"error: out of memory ({(str(e).splitlines() or [type(e).__name__])[0]}); lower "
+              f"{', '.join(sizes) or 'its sizes'}; {getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; {getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
