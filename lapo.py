@@ -1,8 +1,10 @@
 """LAPO: Learning to Act without Actions (Schmidt & Jiang, ICLR 2024, arXiv 2312.10812).
 
-One file, read top to bottom like the paper: configuration & utilities -> data -> networks (IMPALA CNN, VQ, IDM,
-FDM U-Net, decoder, agents) -> stage 1 (latent IDM + FDM) -> stage 2 (latent behaviour cloning) -> stage 3 (offline
-decoding; PPO, expert and online decoding) -> evaluation -> command line.
+One file in the paper's order, each part under a `# ====` banner: the flag table FLAGS (every hyperparameter, at its
+paper, small and tiny values); utilities (seeding, autocast, `preprocess`, `optimize`); data (`Envs`, `collect`,
+`load_split` -> `FrameData`: windows inside one episode); networks (`IDM` with its `VectorQuantizer`, the `FDM` U-Net,
+`Decoder`, agents); stage 1 (its loss: `build_stage1.train_step`); stage 2 (`build_stage2.train_step`); stage 3
+(`stage3_offline`; `ppo`, `stage3_online`); evaluation. Last, the plumbing: lock, writes, checkpoints, metrics, main.
 
     python lapo.py collect --env bigfish --out data            # observation-only video (+ labeled test split)
     python lapo.py stage1  --data data/bigfish --out runs/bigfish   # latent IDM + FDM, no actions used
@@ -11,7 +13,6 @@ decoding; PPO, expert and online decoding) -> evaluation -> command line.
     python lapo.py stage3  --mode online --out runs/bigfish         # PPO with the RL+SL policy
     python tools/pipeline.py --env bigfish --preset small --out runs/demo  # all of it + baselines, results.md
     python tools/bench.py --preset paper                       # throughput of every stage on this machine
-Every command takes --preset paper|small|tiny (default paper; pipeline: small); explicit flags override it.
 """
 import argparse
 import contextlib
@@ -23,12 +24,8 @@ import io
 import json
 import math
 import os
-import pickle
-import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import warnings
@@ -39,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ==== CONFIGURATION AND UTILITIES =============================================================
+# ==== CONFIGURATION: the paper's hyperparameters, every flag in one table ====================
 GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
          "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 ACTION_NAMES = ("LEFT-DOWN", "LEFT", "LEFT-UP", "DOWN", "NOOP", "UP", "RIGHT-DOWN", "RIGHT", "RIGHT-UP",
@@ -93,6 +90,7 @@ def int_list(text):
 POS, NONNEG, SEED = num(int, 1), num(int, 0), num(int, 0, 2 ** 31 - 1)
 PROB, RATE, SCALE = num(float, 0, 1), num(float, 0, 10, lo_open=True), num(float, 0, 64, lo_open=True)
 NONNEG_F, BIT = num(float, 0), {"choices": (0, 1)}
+ENVS = num(int, 1, 4096)  # Procgen envs: 4,096 take about 1 GiB; far more crash Procgen itself, below Python
 FLAGS = []  # (option strings, commands, type, default, help, other argparse keywords)
 
 def flag(names, cmds, type=None, default=None, help="", **kw):
@@ -165,11 +163,11 @@ flag("--frames", "collect", POS, P(2_621_440, 65_536, 2048), "train frames (pape
 flag("--test-frames", "collect", POS, P(65_536, 8192, 1024), "test-split frames")
 flag("--chunk-len", "collect", POS, 32768, "frames per train chunk (the authors': 32,768)")
 flag("--test-chunk-len", "collect", POS, 4096, "frames per test chunk (the authors': 4,096)")
-flag("--num-envs", "collect", POS, P(64, 64, 8), "parallel envs; a chunk holds one segment per env")
+flag("--num-envs", "collect", ENVS, P(64, 64, 8), "parallel envs; a chunk holds one segment per env")
 flag("--frames", "stage3", POS, P(4_000_000, 131_072, 2048), "online: env frames")
 flag("--frames", "expert", POS, P(25_000_000, 786_432, 2048), "env frames (the paper's PPO-from-scratch baseline: "
      "4M)")
-flag("--num-envs", PPO, POS, P(64, 32, 8), "parallel envs")
+flag("--num-envs", PPO, ENVS, P(64, 32, 8), "parallel envs")
 flag("--num-steps", "stage3", POS, P(64, 64, 32), "steps per env per rollout")
 flag("--num-steps", "expert", POS, P(256, 128, 32), "steps per env per rollout")
 flag("--lr", "stage3", RATE, 1e-2, "online: peak Adam learning rate (each parameter group ramps to a share of it)")
@@ -199,16 +197,10 @@ def preset_defaults(cmd, preset):
     return {kw.get("dest", names[0][2:].replace("-", "_")): d[i] if isinstance(d, P) else d
             for names, cmds, _, d, _, kw in FLAGS if cmd in cmds}
 
-# What a run trained on, recorded in its config by the stages: the data's chunks, and the earlier stages' runs.
-INPUT_KEYS = ("data_identity", "stage1_run", "stage2_run")
-# Flags that change nothing about what is computed: they may differ when a run is resumed.
-RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
-                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
-                "func", "episodes", "track", "wandb_project", "wandb_entity"}
-
 class LapoError(Exception):
     """A user-facing error: printed as one line by main(), never as a traceback."""
 
+# ==== UTILITIES the method uses: seeding, devices, bf16 autocast, preprocessing, optimizer steps ====
 def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -267,219 +259,9 @@ def seeded(seed):
         torch.manual_seed(seed)
         yield
 
-@contextlib.contextmanager
-def ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) until the block has finished, then raise it: a write is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            raise KeyboardInterrupt
-
-def write_atomic(path, write):
-    """write(file) into a temporary file, then rename: a crash, a full disk or Ctrl-C never leaves a half-written
-    file, and no temporary file stays behind."""
-    tmp = f"{path}.tmp"
-    try:
-        with ctrl_c_deferred():
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):  # (torch.save reports a failed write as RuntimeError)
-            raise
-        kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
-
-def save_npz(f, arrays):
-    """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
-    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        for key, value in arrays.items():
-            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-
-def save_atomic(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-def check_out(out):
-    """Fail fast, before any data is loaded or model built, when the run folder cannot be written."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
-
-LOCK = "lapo.lock"
-
-def _flock(path, exclusive):
-    """Open `path` and flock it without waiting. -> the open file, or None where another process holds the lock."""
-    f = open(path, "a+" if exclusive else "r")
-    try:
-        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        return f
-    except BlockingIOError:
-        pid = ""
-        with contextlib.suppress(OSError):
-            f.seek(0)
-            pid = f.read().strip()
-        f.close()
-        folder = os.path.dirname(path)
-        raise LapoError(f"{folder} is in use by process {pid or '?'} (its {LOCK}); wait for it to end, or use "
-                        "another --out")
-
-@contextlib.contextmanager
-def run_lock(out):
-    """Own the run folder `out` while a command writes it: an exclusive flock on <out>/lapo.lock, which holds this
-    pid. The kernel drops a flock when its process ends, even by SIGKILL, so a dead run's lock is never in the way.
-    A second writer, into the folder or into one inside it, is refused in one line that names the owner's pid."""
-    if out is None:
-        yield
-        return
-    check_out(out)
-    folder = os.path.abspath(out)
-    path = os.path.join(folder, LOCK)
-    while os.path.dirname(folder) != folder:  # a run folder that this one lies inside is in use too
-        folder = os.path.dirname(folder)
-        with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
-            _flock(os.path.join(folder, LOCK), exclusive=False).close()
-    while True:
-        f = _flock(path, exclusive=True)
-        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
-            break  # the file locked is still the one at the path (its last owner removes it as it ends)
-        f.close()
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
-        yield
-    finally:
-        os.remove(path)
-        f.close()
-
-def load_checkpoint(path, kinds):
-    if not os.path.isfile(path):
-        raise LapoError(f"checkpoint {path} not found")
-    try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):
-            what = ", ".join(sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))) or "an object"
-            raise LapoError(f"refused to load {path}: it holds {what}, not only tensors and plain values, and "
-                            "loading it could run code; lapo.py's own checkpoints never do")
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
-    except Exception as e:
-        raise LapoError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not from lapo.py")
-    if not isinstance(ck, dict) or ck.get("kind") not in kinds:
-        raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
-    return ck
-
-def config_of(args):
-    return {k: v for k, v in vars(args).items() if k != "func"}
-
-def resume_checkpoint(path, kind, args):
-    """The checkpoint to continue from (None: none yet); refuses to overwrite without --resume or to mix configs."""
-    if not os.path.exists(path):
-        return None
-    if not args.resume:
-        raise LapoError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
-    ck = load_checkpoint(path, (kind,))
-    saved, current = ck["config"], config_of(args)
-    diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
-            and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
-    inputs = [d for k, d in diff.items() if k in INPUT_KEYS]
-    if inputs:
-        raise LapoError(f"{path} was trained on other inputs ({'; '.join(inputs)}); resume it with the data and "
-                        "earlier stages it started with, or use another --out")
-    if diff:
-        raise LapoError(f"{path} was made with a different configuration ({'; '.join(list(diff.values())[:4])}); "
-                        "rerun with the same flags, or use another --out")
-    return ck
-
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-def log_metrics(out, stage, metrics, line=None):
-    """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
-    metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
-    path = os.path.join(out, "metrics.jsonl")
-    line_bytes = (json.dumps(metrics) + "\n").encode()
-    try:  # a failed write is cut back off, so the file never ends in half a line
-        with open(path, "a+b", buffering=0) as f, ctrl_c_deferred():
-            size, done = f.seek(0, os.SEEK_END), 0
-            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":  # a process killed mid-line left half a record
-                tail = os.pread(f.fileno(), min(size, 1 << 20), max(0, size - (1 << 20)))
-                size = max(0, size - len(tail)) + tail.rfind(b"\n") + 1
-                f.truncate(size)
-                print(f"note: {path} ended in half a record (a killed run's); it was cut off", flush=True)
-            try:
-                while done < len(line_bytes):
-                    done += f.write(line_bytes[done:])  # a short write (disk nearly full) continues
-            except OSError:
-                f.truncate(size)
-                raise
-    except OSError as e:  # a full disk: one line, like a failed checkpoint write
-        raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
-    scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
-               if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for track in TRACKERS:  # the same scalars to TensorBoard, and to W&B with --track
-        track(out, scalars, int(scalars.get(f"{stage}/step", scalars.get(f"{stage}/frames", 0))))
-    if line:
-        print(line, flush=True)
-
-def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per run folder, kept open)
-    """TensorBoard event files in the run folder, beside metrics.jsonl: `tensorboard --logdir runs` shows them."""
-    if out not in writers:
-        from torch.utils.tensorboard import SummaryWriter  # (imported on first use: it takes 2 s)
-        writers[out] = SummaryWriter(out)
-    for k, v in scalars.items():
-        writers[out].add_scalar(k, v, step)
-    writers[out].flush()
-
-def wandb_logger(args):
-    """--track: W&B gets the same scalars. Its run starts with the first ones, when the config also holds what the
-    run trains on (the data's identity, the earlier stages' runs)."""
-    import wandb
-    started = []
-
-    def log(out, scalars, step):
-        if not started:
-            started.append(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
-                                      name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}"))
-        wandb.log(scalars)
-    return log
-
-TRACKERS = [tensorboard]  # main adds wandb_logger with --track
-
-def write_json(path, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-def read_json(path):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError:
-        raise LapoError(f"{path} is corrupt; delete it (the step that wrote it will rerun)")
-
-def write_summary(out, name, summary):
-    write_json(os.path.join(out, f"{name}_summary.json"), summary)
-    print(json.dumps(summary), flush=True)
-
-def normalized_return(game, mean_return, expert_return=None):
-    lo, hi = SCORES[game]
-    hi = hi if expert_return is None else expert_return
-    return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
 
 # ==== DATA: Procgen environments, collection in the authors' layout, loading, windows =========
 def check_game(game):
@@ -490,7 +272,6 @@ class Envs:
     """Procgen vector env (easy mode, full level distribution) that also tracks episode returns."""
 
     def __init__(self, game, num_envs, seed):
-        check_game(game)
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # gym 0.26 prints a deprecation banner on import
             try:
@@ -499,8 +280,7 @@ class Envs:
                 raise LapoError("procgen is not installed: pip install -r requirements.txt") from None
         self.env = ProcgenEnv(num_envs=num_envs, env_name=game, distribution_mode="easy",
                               num_levels=0, start_level=0, rand_seed=int(seed))
-        self.num_envs = num_envs
-        self.ret = np.zeros(num_envs, np.float64)
+        self.num_envs, self.ret = num_envs, np.zeros(num_envs, np.float64)
 
     def reset(self):
         return self.env.reset()["rgb"]
@@ -530,7 +310,6 @@ def collect(args):
         if meta.get("game") not in (None, args.env):
             raise LapoError(f"{args.policy} was trained on {meta['game']}, not {args.env}")
     amp, summaries = use_amp(args, device), {}
-    args.collected = summaries  # each split's summary, for callers (bench)
     root = os.path.join(args.out, args.env)
     part = f"{root}.partial"  # written here and renamed to root once complete: no stage reads half a collection
     if os.path.exists(part):
@@ -590,15 +369,6 @@ def _npz_member(z, key):
     shape, fortran, dtype = np.lib.format._read_array_header(f, np.lib.format.read_magic(f))
     return f, shape, fortran, dtype
 
-def _read_into(f, out):
-    """Stream raw bytes from `f` straight into the contiguous array `out`: no temporary copy of the chunk."""
-    view, got = memoryview(out).cast("B"), 0
-    while got < len(view):
-        n = f.readinto(view[got:got + (1 << 20)])  # 1 MiB at a time: the only temporary buffer
-        if not n:
-            raise EOFError("chunk ends early")
-        got += n
-
 class FrameData:
     """All frames of one split in ONE contiguous uint8 array (N, 64, 64, 3); windows are gathered by index.
     centres: every t whose window (o_{t-1}, o_t, o_{t+1}) stays inside one episode and one chunk."""
@@ -622,9 +392,10 @@ class FrameData:
     def to(self, device):
         """Move the uint8 frames to the device when they fit there with room to spare (at most half its free memory;
         12 KiB per frame, the paper's 2.6M frames are 32 GB). Otherwise they stay in host memory: batches move."""
-        free = available_bytes(device) if device.type == "cuda" else None
-        if free is not None and self.obs.numel() <= free // 2:
-            self.obs, self.centres = self.obs.to(device), self.centres.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # memory cached for an earlier stage's freed tensors counts as free
+            if self.obs.numel() <= torch.cuda.mem_get_info(device)[0] // 2:
+                self.obs, self.centres = self.obs.to(device), self.centres.to(device)
         return self
 
     def sample(self, n, gen):
@@ -713,9 +484,14 @@ def load_split(folder, split, max_chunks=None):
     for p, s in zip(paths, sizes):
         try:
             with np.load(p) as z:
-                with _npz_member(z.zip, "obs")[0] as f:  # obs streamed in; the small arrays through np.load
-                    _read_into(f, obs[o:o + s])
-                if "done" in z.files:
+                with _npz_member(z.zip, "obs")[0] as f:  # obs streamed straight into its place, 1 MiB at a time
+                    view, got = memoryview(obs[o:o + s]).cast("B"), 0  # (no copy of the chunk)
+                    while got < len(view):
+                        n = f.readinto(view[got:got + (1 << 20)])
+                        if not n:
+                            raise EOFError("chunk ends early")
+                        got += n
+                if "done" in z.files:  # the small arrays through np.load
                     done[o:o + s] = z["done"]
                 if ta is not None:
                     ta[o:o + s] = z["ta"]
@@ -1082,9 +858,8 @@ def stage_setup(args, train_data, device, **modules):
     return modules, params, opt, use_amp(args, device)
 
 def run_stage(stage, build, args, train, test):
-    """Check that --out may take this run (a resume must continue the same configuration on the same inputs) before
-    any frame is read; then load the splits, build the stage, train it with train_loop, write its summary.
-    -> (modules, summary)"""
+    """Check that --out may take this run (a resume must continue the same flags on the same inputs) before any frame
+    is read; then load the splits, build the stage, train it with train_loop, write a summary. -> (modules, summary)"""
     given = {"train": train, "test": test}  # (tests pass FrameData; the commands read --data)
     ids = {s: d.identity if d else data_identity(chunk_paths(args.data, s, args.max_chunks if s == "train" else None))
            for s, d in given.items()}
@@ -1600,6 +1375,11 @@ def stage3_online(args):
     return agent, curve
 
 # ==== EVALUATION ================================================================================
+def normalized_return(game, mean_return, expert_return=None):
+    lo, hi = SCORES[game]
+    hi = hi if expert_return is None else expert_return
+    return None if hi == lo else (mean_return - lo) / (hi - lo)  # (None: an --expert-return equal to random's)
+
 @torch.no_grad()
 def evaluate_policy(agent, game, episodes, seed, device, amp=False, sample=True, max_steps=None, num_envs=64):
     """Run `episodes` full episodes (the first ones of each env, so short episodes are not over-counted).
@@ -1645,7 +1425,153 @@ def eval_cmd(args):
     print(json.dumps(summary), flush=True)
     return summary
 
-# ==== COMMAND LINE ==============================================================================
+# ==== THE RUN FOLDER AND THE COMMAND LINE: plumbing the method calls (a first read can stop here) ======
+LOCK = "lapo.lock"
+
+def check_out(out):
+    """Fail fast, before any data is loaded or model built, when the run folder cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise LapoError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to")
+
+def flock(path, exclusive):
+    """flock `path` without waiting -> the open file; where another process holds it, one line that names its pid."""
+    f = open(path, "a+" if exclusive else "r")
+    try:
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with f:
+            f.seek(0)
+            raise LapoError(f"{os.path.dirname(path)} is in use by process {f.read().strip() or '?'} (its {LOCK}); "
+                            "wait for it to end, or use another --out") from None
+    return f
+
+@contextlib.contextmanager
+def run_lock(out):
+    """One writer per run folder: an exclusive flock on <out>/lapo.lock (holding the owner's pid) while a command runs;
+    the kernel drops it with the process, and the file stays. Folders inside a locked one count too (videos import)."""
+    check_out(out)
+    folder = os.path.abspath(out)
+    while folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+        with contextlib.suppress(OSError):  # (no lock file there: not a run folder)
+            flock(os.path.join(folder, LOCK), exclusive=False).close()
+    with flock(os.path.join(out, LOCK), exclusive=True) as f:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+def write_atomic(path, write):
+    """write(file) into <path>.tmp, then os.replace it: a crash, full disk or Ctrl-C before that leaves the old file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as RuntimeError)
+        kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
+        raise LapoError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); {kept}") from None
+    finally:
+        with contextlib.suppress(OSError):  # (after the rename there is none)
+            os.remove(tmp)
+
+def save_npz(f, arrays):
+    """np.savez's layout (one uncompressed .npy member per array), with the zip closed even when a write fails."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key, value in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+def write_summary(out, name, summary):
+    write_json(os.path.join(out, f"{name}_summary.json"), summary)
+    print(json.dumps(summary), flush=True)
+
+def load_checkpoint(path, kinds):
+    if not os.path.isfile(path):
+        raise LapoError(f"checkpoint {path} not found")
+    try:  # weights_only: tensors and plain values only, so that loading a shared file never runs its code
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LapoError(f"refused to load {path} ({type(e).__name__}): not a readable checkpoint of lapo.py, which "
+                        "holds only tensors and plain values (loading anything else could run code)") from None
+    if not isinstance(ck, dict) or ck.get("kind") not in kinds:
+        raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
+    return ck
+
+# Flags that change nothing about what is computed: they may differ when a run is resumed.
+RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
+                "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
+                "func", "episodes", "track", "wandb_project", "wandb_entity"}
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+def resume_checkpoint(path, kind, args):
+    """The checkpoint to continue from (None: none yet); refuses to overwrite without --resume or to mix configs."""
+    if not os.path.exists(path):
+        return None
+    if not args.resume:
+        raise LapoError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
+    ck = load_checkpoint(path, (kind,))
+    saved, current = ck["config"], config_of(args)
+    diff = {k: f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RUNTIME_KEYS and saved.get(k) != current.get(k)
+            and (saved.get(k) or current.get(k))}  # a flag added or removed since, switched off: no change
+    if diff:  # first what it trained on, recorded in its config by the stages: the data, the earlier stages' runs
+        shown = sorted(diff, key=lambda k: k not in ("data_identity", "stage1_run", "stage2_run"))[:4]
+        raise LapoError(f"{path} was made with other inputs or flags ({'; '.join(diff[k] for k in shown)}); resume it "
+                        "with the data, earlier stages and flags it started with, or use another --out")
+    return ck
+
+def log_metrics(out, stage, metrics, line=None):
+    """Append the metrics to <out>/metrics.jsonl, namespaced by stage (`stage1/fdm_loss`); print `line`."""
+    metrics = {"stage": stage, "time": time.time(), **{f"{stage}/{k}": v for k, v in metrics.items()}}
+    path = os.path.join(out, "metrics.jsonl")
+    try:  # one write of the whole line; where a killed writer left half a line, a newline first, so it stays alone
+        with open(path, "a+b") as f:
+            torn = f.tell() > 0 and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n"
+            f.write(b"\n" * torn + (json.dumps(metrics) + "\n").encode())
+    except OSError as e:  # a full disk: one line, like a failed checkpoint write
+        raise LapoError(f"could not append to {path} ({e.strerror or e}); checkpoints already written are intact")
+    scalars = {k: v for k, v in metrics.items()  # numbers only: not None, lists or bools
+               if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for track in TRACKERS:  # the same scalars to TensorBoard, and to W&B with --track
+        track(out, scalars, int(scalars.get(f"{stage}/step", scalars.get(f"{stage}/frames", 0))))
+    if line:
+        print(line, flush=True)
+
+def tensorboard(out, scalars, step, writers={}):  # noqa: B006 (one writer per run folder, kept open)
+    """TensorBoard event files in the run folder, beside metrics.jsonl: `tensorboard --logdir runs` shows them."""
+    if out not in writers:
+        from torch.utils.tensorboard import SummaryWriter  # (imported on first use: it takes 2 s)
+        writers[out] = SummaryWriter(out)
+    for k, v in scalars.items():
+        writers[out].add_scalar(k, v, step)
+    writers[out].flush()
+
+def wandb_logger(args):
+    """--track: the same scalars to W&B, whose run starts with the first (its config then holds the run's inputs)."""
+    import wandb
+    started = []
+
+    def log(out, scalars, step):
+        if not started:
+            started.append(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=config_of(args),
+                                      name=f"{args.cmd}-{os.path.basename(os.path.abspath(args.out))}-s{args.seed}"))
+        wandb.log(scalars)
+    return log
+
+TRACKERS = [tensorboard]  # main adds wandb_logger with --track
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors (an unknown preset, a missing flag, a value out of range) are LapoErrors: one line."""
 
@@ -1675,9 +1601,10 @@ def build_parser():
                 sp.add_argument(*names, default=default, help=text, **({"type": type} if type else {}), **kw)
     return p
 
-def apply_preset(args):
-    """Give every flag left at its P(paper, small, tiny) default the value of --preset, then check what one flag's
-    range cannot: combinations, and values that must match the data or the other flags."""
+def parse_args(argv=None):
+    """The command line -> args: every flag left at its P(paper, small, tiny) default takes the value of --preset;
+    then the checks one flag's range cannot make: combinations, and values that must match the data or other flags."""
+    args = build_parser().parse_args(argv)
     for k, v in list(vars(args).items()):
         if isinstance(v, P):
             setattr(args, k, v[PRESETS.index(args.preset)])
@@ -1697,60 +1624,33 @@ def apply_preset(args):
                             f"minibatch of a {rollout}-frame rollout")
     if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
         raise LapoError("--track logs to Weights & Biases, which is not installed: pip install wandb")
-    check_fits(args)
     if args.cmd != "eval":
         check_out(args.out)
     return args
 
-FRAME_BYTES = 64 * 64 * 3
-ENV_BYTES = 110 << 10  # host memory per Procgen env, measured: 0.11 MiB each beyond the first 64
-
-def available_bytes(device):
-    """Free memory now: the GPU's, or the host's (Linux MemAvailable); None where unknown."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # memory the allocator caches but no tensor uses (an earlier stage's) counts as free
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/meminfo") as f:
-            return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
-    return None
-
-def check_fits(args):
-    """Refuse, before any work, sizes within their ranges that this machine cannot hold. Each need is a floor (the
-    batch's frames as floats, the codebooks and their distance table, the envs and one rollout of frames), so only
-    requests that surely fail are refused."""
-    needs = []
-    if args.cmd in ("stage1", "stage2"):
-        device = get_device(args)
-        needs.append(("--batch-size", args.batch_size * 3 * FRAME_BYTES * 4, device))
-    if args.cmd == "stage1":
-        k_bytes = args.num_codebooks * args.codebook_size * 4
-        needs.append(("--codebook-size", k_bytes * (2 * args.code_dim + 2 * args.batch_size * args.latent_dim
-                                                    // args.code_dim // args.num_codebooks), device))
-    if args.cmd in ("collect", "expert") or getattr(args, "mode", None) == "online":
-        steps = getattr(args, "num_steps", 1)
-        needs.append(("--num-envs", args.num_envs * (ENV_BYTES + steps * FRAME_BYTES), torch.device("cpu")))
-    for flag, need, device in needs:
-        free = available_bytes(device)
-        if free is not None and need > free:
-            raise LapoError(f"{args.cmd}: {flag} asks for at least {need / 2 ** 30:.1f} GiB, but this machine's "
-                            f"{device.type} has {free / 2 ** 30:.1f} GiB free; lower it")
-
-def parse_args(argv=None):
-    return apply_preset(build_parser().parse_args(argv))
+# The flags that size what a command holds in memory: the line for an allocation the machine refuses names its own.
+SIZE_FLAGS = ("--num-envs", "--num-steps", "--chunk-len", "--batch-size", "--max-chunks", "--impala-scale",
+              "--fdm-width", "--codebook-size")
 
 def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact, continue with --resume"):
-    """Run args.func (lapo's commands, or a tool's): a user error is one line and exit code 2, an interrupt one line
-    that says how to continue."""
+    """Run args.func (lapo's commands, or a tool's) holding its --out. A user error is one line and exit code 2, and so
+    is an allocation the machine refuses (a size the kernel accepts, then cannot back, ends with its kill instead)."""
     args = None
     try:
         args = parse(argv)
-        with run_lock(None if getattr(args, "cmd", None) == "eval" else getattr(args, "out", None)):
+        with run_lock(args.out) if getattr(args, "out", None) else contextlib.nullcontext():  # (eval has no --out)
             if getattr(args, "track", False):
                 TRACKERS.append(wandb_logger(args))
             args.func(args)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # exactly: Python's own, CUDA's and torch's CPU allocator's refusals
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "DefaultCPUAllocator: can't" not in str(e):
+            raise
+        sizes = [n for names, cmds, *_ in FLAGS if getattr(args, "cmd", None) in cmds for n in names if n in SIZE_FLAGS]
+        print(f"error: out of memory ({(str(e).splitlines() or [type(e).__name__])[0]}); lower "
+              f"{', '.join(sizes) or 'its sizes'}; {getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; {getattr(args, 'on_interrupt', interrupted)}", file=sys.stderr)

@@ -83,8 +83,6 @@ def bench(args):
     steps = (5 if args.preset == "tiny" else 10) if args.steps is None else args.steps
     frames = min(lapo.preset_defaults("collect", args.preset)["frames"], 16384) if args.frames is None else args.frames
     device, total, res, rows = lapo.get_device(args), args.warmup + steps, {}, []
-    if args.out:
-        lapo.check_out(args.out)  # fail now, not after the measurements
     precisions = ("fp32", "bf16") if lapo.bf16_fast(device) else ("fp32",)  # bf16 units: time both precisions
     ref_name, ref = reference_row(device) if args.preset == "paper" else (None, {})
     if args.preset == "paper":
@@ -115,7 +113,9 @@ def bench(args):
         raw = train.obs.nbytes + test.obs.nbytes  # the uint8 frames as stored
         record("data_mem_x_frames", load_peak / raw, "x frame bytes",
                f"loader's peak memory, {raw / 2 ** 20:.0f} MiB of frames")
-        splits = a.collected.values()  # collect's own rate: env steps and writing chunks, not starting the envs
+        with open(os.path.join(data, "collect_summary.json")) as f:
+            collected = json.load(f)
+        splits = (collected["train"], collected["test"])  # collect's own rate: env steps and writes, not env starts
         rate = sum(c["frames"] for c in splits) / sum(c["frames"] / c["frames_per_s"] for c in splits)
         record("collect_frames_per_s", rate, "frames/s", f"collect, random policy, {a.num_envs} envs")
         for prec in precisions:  # fp32 keys plain (compared with the authors'), bf16 keys suffixed _bf16

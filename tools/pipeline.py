@@ -114,9 +114,9 @@ def configuration(args):
 def check_configuration(root, setup):
     """Refuse a rerun into `root` with another configuration: its finished steps would be skipped, and mixed in."""
     path = os.path.join(root, "pipeline_config.json")
-    saved = lapo.read_json(path)
-    if saved is None and lapo.read_json(os.path.join(root, "pipeline_steps.json")):  # a run from before the file
-        old = lapo.read_json(os.path.join(root, "results.json")) or {}
+    saved = read_json(path)
+    if saved is None and read_json(os.path.join(root, "pipeline_steps.json")):  # a run from before the file
+        old = read_json(os.path.join(root, "results.json")) or {}
         saved = {"flags": {}, **({"env": old["game"], "preset": old["preset"]} if old else {})}
     changed = [f"{k}: {saved[k]} -> {setup[k]}" for k in setup if saved and k in saved and saved[k] != setup[k]]
     if changed:
@@ -188,14 +188,13 @@ def pipeline(args):
     lapo.check_game(args.env)
     root, game = args.out, args.env
     data, flags = os.path.join(root, "data", game), common_flags(args)
-    lapo.check_out(root)  # a folder that cannot be written: one line, before any work
     x = {cmd: [f for c, fl, _ in args.flags if c == cmd for f in fl] for cmd in PLACEHOLDER}  # --flags, per command
     if args.expert and x["expert"]:
         raise lapo.LapoError("--flags expert=... trains the expert, but --expert PATH says not to train one")
     check_plan(plan(args, x, ["--expert-return", "1.0"]), flags)  # the expert's return is not known yet
     check_configuration(root, configuration(args))
     steps_path = os.path.join(root, "pipeline_steps.json")  # per step: wall time, device and precision it ran with
-    steps = lapo.read_json(steps_path) or {}
+    steps = read_json(steps_path) or {}
 
     def step(name, fn, argv, seed, done, ckpt):
         if os.path.exists(done):
@@ -221,7 +220,7 @@ def pipeline(args):
                                  "another --out")
         step(*s)
     # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
-    ex = lapo.read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
+    ex = read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
     for s in plan(args, x, [] if ex is None else ["--expert-return", ex])[1 + (not args.expert):]:
         if not args.only or any(k in s[0] for k in args.only):
             step(*s)
@@ -264,13 +263,13 @@ def diff(a, b):
 
 def seed_numbers(d):
     """Every number of one seed's folder, flat: probe accuracies, offline returns, online windows, differences."""
-    s1 = lapo.read_json(os.path.join(d, "lapo", "stage1_summary.json"))
-    sup = lapo.read_json(os.path.join(d, "supervised", "stage1_summary.json")) or {}
+    s1 = read_json(os.path.join(d, "lapo", "stage1_summary.json"))
+    sup = read_json(os.path.join(d, "supervised", "stage1_summary.json")) or {}
     x = {"probe_latent": s1.get("probe_acc"), "probe_supervised": sup.get("probe_acc"),
          "probe_majority": s1.get("probe_majority")}
     lat, sup_acc = x["probe_latent"], x["probe_supervised"]
     x["probe_ratio"] = lat / sup_acc if lat is not None and sup_acc else None
-    for r in lapo.read_json(os.path.join(d, "lapo", "stage3_offline_summary.json"))["results"]:
+    for r in read_json(os.path.join(d, "lapo", "stage3_offline_summary.json"))["results"]:
         n, x["offline_episodes"] = r["labels"], r["eval_episodes"]
         x[f"offline_{r['method']}_{n}"] = r["eval_mean_return"]
         x[f"offline_diff_{n}"] = diff(x.get(f"offline_lapo_{n}"), x.get(f"offline_bc_{n}"))
@@ -283,20 +282,29 @@ def seed_numbers(d):
     return x
 
 
+def read_json(path):
+    """A run's JSON file (a summary, the pipeline's own records) -> its value; None where it does not exist yet."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        raise lapo.LapoError(f"{path} is corrupt; delete it (the step that wrote it will rerun)")
+
+
 def read_metrics(path):
-    """The records of a metrics.jsonl. A torn last line (its writer was killed mid-write) is skipped with a note."""
+    """The records of a metrics.jsonl. A line that does not parse (its writer was killed mid-line, or the disk was
+    full) is skipped with a note."""
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+        lines = f.read().splitlines()
     records = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines) - 1:  # a whole line that is not JSON: not a torn write
-                raise lapo.LapoError(f"{path}: line {i + 1} is not a JSON record; the file is corrupt")
-            print(f"note: {path} ends in half a record (a killed run's); skipped", flush=True)
+            print(f"note: {path}: line {i + 1} is not a JSON record (half a record of a killed run?); skipped",
+                  flush=True)
     return records
 
 
@@ -353,7 +361,7 @@ def frame_blind(root, data, game, episodes, max_steps, seed):
     once, on as many episodes as the offline policies; cached in <root>/frame_blind.json. None: no actions."""
     path = os.path.join(root, "frame_blind.json")
     if os.path.exists(path):
-        return lapo.read_json(path)
+        return read_json(path)
     probs = action_frequencies(data)
     if probs is None:
         return None
@@ -372,7 +380,7 @@ def report(root, game, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seeds, data = args.seeds, os.path.join(root, "data", game)
-    collected = lapo.read_json(os.path.join(data, "collect_summary.json"))
+    collected = read_json(os.path.join(data, "collect_summary.json"))
     ex, rnd = collected["train"]["mean_return"], lapo.SCORES[game][0]
     ok = ex is not None and ex > rnd  # normalizing needs an expert better than random
     exs = "n/a (no episode ended)" if ex is None else f"{ex:.2f}"
@@ -411,7 +419,7 @@ def report(root, game, args):
     def pm(m, se, kind):
         return "n/a" if m is None else f"{num(m, kind)} ± {num(se, kind)}"
 
-    steps = lapo.read_json(os.path.join(root, "pipeline_steps.json")) or {}
+    steps = read_json(os.path.join(root, "pipeline_steps.json")) or {}
     bf16, yes = torch.ops.mkldnn._is_mkldnn_bf16_supported(), {None: "n/a", True: "yes", False: "no"}
     devices, amps = sorted({s["device"] for s in steps.values()}), tuple(sorted({s["amp"] for s in steps.values()}))
     amp = {(True,): "on", (False,): "off, fp32", (): "n/a"}.get(amps, "mixed, see the steps")

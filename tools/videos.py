@@ -282,8 +282,8 @@ def parse(argv=None):
     exp.set_defaults(func=export)
     ply = sub.add_parser("play", help="a saved policy's episodes -> DIR/episode<k>_return<R>.mp4")
     ply.add_argument("--checkpoint", required=True, help="a policy checkpoint (expert.pt, decoded_*.pt, online.pt)")
-    ply.add_argument("--episodes", type=lapo.POS, required=True, help=f"envs run in parallel, one episode each "
-                     f"[{lapo.POS.range}]")
+    ply.add_argument("--episodes", type=lapo.ENVS, required=True, help=f"envs run in parallel, one episode each "
+                     f"[{lapo.ENVS.range}]")
     ply.add_argument("--out", required=True, help="an empty or new folder")
     ply.add_argument("--env", default=None, help="Procgen game (default: the checkpoint's)")
     ply.add_argument("--max-steps", type=lapo.POS, default=None, help=f"cut episodes here [{lapo.POS.range}]")

@@ -18,7 +18,7 @@ from pipeline import fmt_stats, read_metrics, seed_numbers, stats  # noqa: E402 
 def probe_curve(path):
     """[(step, probe accuracy)] from one stage-1 metrics.jsonl; a resumed run logs a step again: the last one wins."""
     points = {}
-    for m in read_metrics(path):  # (skips a torn last line, with a note)
+    for m in read_metrics(path):  # (skips a torn line, with a note)
         if "stage1/probe_acc" in m:
             points[m["stage1/step"]] = m["stage1/probe_acc"]
     return sorted(points.items())

@@ -19,7 +19,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import stats  # noqa: E402
+from pipeline import read_json, stats  # noqa: E402
 
 import lapo  # noqa: E402
 
@@ -52,7 +52,7 @@ def decoder_accuracy(root, seed):
     """Held-out decoder accuracy (stage 3 offline's windows, fit and init) with and without --decoder-std."""
     path = os.path.join(root, f"paper-s{seed}", "decoder_std.json")
     if os.path.exists(path):
-        return lapo.read_json(path)
+        return read_json(path)
     out, data = os.path.join(root, f"paper-s{seed}"), os.path.join(root, "data", "starpilot")
     train, test = lapo.load_split(data, "train"), lapo.load_split(data, "test")
     policy, _ = lapo.load_stage2(out, torch.device("cpu"))
@@ -75,7 +75,7 @@ def decoder_accuracy(root, seed):
 def report(root):
     rows, probe = [], {}
     for name in CONFIGS:
-        probe[name] = {s: (lapo.read_json(os.path.join(root, f"{name}-s{s}", "stage1_summary.json")) or {})
+        probe[name] = {s: (read_json(os.path.join(root, f"{name}-s{s}", "stage1_summary.json")) or {})
                        .get("probe_acc") for s in SEEDS}
     for name in CONFIGS:
         v = probe[name]
@@ -85,7 +85,7 @@ def report(root):
         rows.append({"config": name, "per_seed": v, **st, "diff_vs_paper": ds})
         print(f"{name:14s} probe {st['mean']} ± {st['se']} (n={st['n']}) | per seed {list(v.values())} | "
               f"paired diff vs paper {ds['mean']} ± {ds['se']} (n={ds['n']})")
-    dec = {s: lapo.read_json(os.path.join(root, f"paper-s{s}", "decoder_std.json")) for s in SEEDS}
+    dec = {s: read_json(os.path.join(root, f"paper-s{s}", "decoder_std.json")) for s in SEEDS}
     dec = {s: d for s, d in dec.items() if d}
     for n in LABELS:
         a = {std: [d[f"std{std}_{n}"] for d in dec.values()] for std in (0, 1)}

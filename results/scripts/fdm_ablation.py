@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import fmt_stats, read_metrics, stats  # noqa: E402
+from pipeline import fmt_stats, read_json, read_metrics, stats  # noqa: E402
 
 import lapo  # noqa: E402
 
@@ -141,7 +141,7 @@ def report(data, root):
     loss, the FDM's reliance on z, and the code perplexity at the last step."""
     test = lapo.load_split(data, "test")
     runs = {v: [os.path.join(root, f"{v}-s{s}") for s in SEEDS] for v in VARIANTS}
-    summary = {v: [lapo.read_json(os.path.join(f, "stage1_summary.json")) for f in fs] for v, fs in runs.items()}
+    summary = {v: [read_json(os.path.join(f, "stage1_summary.json")) for f in fs] for v, fs in runs.items()}
     probe = {v: [x and x["probe_acc"] for x in xs] for v, xs in summary.items()}
     print("| FDM | probe per seed | probe mean ± SE | paired vs new | test FDM loss | loss with another window's z / "
           "own z | code perplexity at the end |")

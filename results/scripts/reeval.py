@@ -14,7 +14,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
-from pipeline import fmt_stats  # noqa: E402  (mean ± SE over seeds, as the pipeline's results.md writes it)
+from pipeline import fmt_stats, read_json  # noqa: E402  (mean ± SE over seeds, as results.md writes it)
 
 
 def main(root, episodes, seeds):
@@ -22,7 +22,7 @@ def main(root, episodes, seeds):
     for seed in seeds:
         run = os.path.join(root, f"seed{seed}", "lapo")
         old = {(r["method"], r["labels"]): r["eval_mean_return"]
-               for r in lapo.read_json(os.path.join(run, "stage3_offline_summary.json"))["results"]}
+               for r in read_json(os.path.join(run, "stage3_offline_summary.json"))["results"]}
         for n in sorted({n for _, n in old}):
             new = {}
             for method, name in (("lapo", "decoded"), ("bc", "bc")):

@@ -15,7 +15,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import stats  # noqa: E402
+from pipeline import read_json, stats  # noqa: E402
 
 import lapo  # noqa: E402
 
@@ -24,7 +24,7 @@ def reprobe(run, splits):
     """{"old": probe accuracy on windows drawn with replacement, "new": without, "summary": the run's own}"""
     path = os.path.join(run, "reprobe.json")
     if os.path.exists(path):
-        return lapo.read_json(path)
+        return read_json(path)
     ck = lapo.load_checkpoint(os.path.join(run, "stage1.pt"), ("stage1",))
     cfg = ck["config"]
     if cfg["data"] not in splits:
@@ -38,7 +38,7 @@ def reprobe(run, splits):
     state, windows = g.get_state(), {"old": test.sample(args.probe_windows, g)}  # with replacement (until bcc511d)
     g.set_state(state)
     windows["new"] = test.centres[torch.randperm(len(test.centres), generator=g)[:args.probe_windows]]  # without
-    result = {"summary": (lapo.read_json(os.path.join(run, "stage1_summary.json")) or {}).get("probe_acc")}
+    result = {"summary": (read_json(os.path.join(run, "stage1_summary.json")) or {}).get("probe_acc")}
     for name, c in windows.items():
         z = lapo.idm_latents(idm, test, c, torch.device("cpu"), amp)
         result[name] = lapo.probe_accuracy(z, test.labels(c), args.seed)[0]

@@ -13,9 +13,7 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from pipeline import stats  # noqa: E402
-
-import lapo  # noqa: E402
+from pipeline import read_json, stats  # noqa: E402
 
 SEEDS = (0, 1, 2)
 
@@ -26,7 +24,7 @@ def run(script, *argv):
 
 
 def probe(path):
-    return (lapo.read_json(os.path.join(path, "stage1_summary.json")) or {}).get("probe_acc")
+    return (read_json(os.path.join(path, "stage1_summary.json")) or {}).get("probe_acc")
 
 
 def report(root):
@@ -37,7 +35,7 @@ def report(root):
         print(f"{kind}: raw frames  probe {stats(raw.values())} | per seed {list(raw.values())}")
         print(f"{kind}: via mp4     probe {stats(rt.values())} | per seed {list(rt.values())}")
         print(f"{kind}: paired mp4 - raw: {stats(diff)}")
-    imp = lapo.read_json(os.path.join(root, "video", "data", "starpilot", "import_summary.json")) or {}
+    imp = read_json(os.path.join(root, "video", "data", "starpilot", "import_summary.json")) or {}
     for k in ("decoded_frames_per_s", "kept_frames_per_s", "peak_rss_bytes", "kept_frame_bytes", "wall_s"):
         print(f"import {k}: {imp.get(k)}")
 
