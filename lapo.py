@@ -1708,8 +1708,9 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
         if dist.is_initialized():  # (here, with the stage's DDP modules gone: destroyed under them, gloo can hang)
             dist.destroy_process_group()
     except LapoError as e:
-        if ddp_world()[0] == 0 or dist.is_initialized():  # (before the ranks meet, each refuses the same: once)
-            print(f"error: {e}", file=sys.stderr)
+        if ddp_world()[0] and not dist.is_initialized():  # before they meet, the ranks refuse alike: rank 0 says it,
+            time.sleep(2)  # and torchrun ends this rank (were it still alive, its refusal is its own)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # exactly: Python's own, CUDA's and torch's CPU allocator's refusals
         if dist.is_initialized() and "peer" in str(e):  # under torchrun: another rank failed (and said why)
