@@ -4,7 +4,8 @@ One file in the paper's order, each part under a `# ====` banner: the flag table
 paper, small and tiny values); utilities (seeding, autocast, `preprocess`, `optimize`); data (`Envs`, `collect`,
 `load_split` -> `FrameData`: windows inside one episode); networks (`IDM` with its `VectorQuantizer`, the `FDM` U-Net,
 `Decoder`, agents); stage 1 (its loss: `build_stage1.train_step`); stage 2 (`build_stage2.train_step`); stage 3
-(`stage3_offline`; `ppo`, `stage3_online`); evaluation. Last, the plumbing: lock, writes, checkpoints, metrics, main.
+(`stage3_offline`; `ppo`, `stage3_online`); evaluation; several ranks (`ddp_start`: stages 1 and 2 under torchrun).
+Last, the plumbing: lock, writes, checkpoints, metrics, main.
 
     python lapo.py collect --env bigfish --out data            # observation-only video (+ labeled test split)
     python lapo.py stage1  --data data/bigfish --out runs/bigfish   # latent IDM + FDM, no actions used
@@ -17,6 +18,7 @@ paper, small and tiny values); utilities (seeding, autocast, `preprocess`, `opti
 import argparse
 import contextlib
 import copy
+import datetime
 import fcntl
 import hashlib
 import importlib.util
@@ -33,6 +35,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -438,9 +441,9 @@ def data_game(folder):
     game = os.path.basename(os.path.normpath(folder))
     return game if game in GAMES else None
 
-def load_split(folder, split, max_chunks=None):
-    """Load <folder>/<split>/<i>.npz (the authors' files or ours) into a FrameData, memory ~ raw frame bytes."""
-    listed = chunk_paths(folder, split, max_chunks)
+def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
+    """Load <folder>/<split>/<i>.npz into a FrameData, memory ~ raw frame bytes (rank r: chunks r, r + ranks, ...)"""
+    listed = chunk_paths(folder, split, max_chunks)[rank::ranks]
     d = os.path.dirname(listed[0])
     paths, sizes, labeled, has_done = [], [], [], False
     for p in listed:
@@ -577,8 +580,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, zg, onehot):
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(1), alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(torch.bmm(onehot.transpose(1, 2), zg), alpha=1 - self.decay)
+        counts, sums = onehot.sum(1), torch.bmm(onehot.transpose(1, 2), zg)
+        if dist.is_initialized():  # under torchrun: the global batch's statistics, so every rank's codebooks stay equal
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum(-1, keepdim=True)  # Laplace smoothing, written back into the EMA counts:
         self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.K * self.eps) * n)
         self.codebook.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
@@ -798,8 +805,8 @@ def fmt_metrics(metrics):
 def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck=False):
     """Shared plumbing of stages 1 and 2: resume, LR schedule, progress lines, eval, atomic checkpoints.
     ck: the checkpoint to continue from, if run_stage already checked it (None: none)."""
-    path, cfg, step, metrics = os.path.join(args.out, f"{stage}.pt"), config_of(args), 0, {}
-    gen = torch.Generator().manual_seed(args.seed)  # batch sampling stream, saved for exact resume
+    path, cfg, step, metrics, rank = os.path.join(args.out, f"{stage}.pt"), config_of(args), 0, {}, ddp_world()[0]
+    gen = torch.Generator().manual_seed(args.seed + (rank << 32))  # batch sampling stream (each rank's), saved
     ck = resume_checkpoint(path, stage, args) if ck is False else ck
     prior = 0.0  # seconds trained before this process
     if ck:
@@ -807,7 +814,7 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck
         for k, m in modules.items():
             m.load_state_dict(ck[k])
         opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
+        gen.set_state(ck["gens"][rank] if "gens" in ck else ck["gen"])
         torch.set_rng_state(ck["torch_rng"])
         step = ck["step"]
         print(f"{stage}: resumed from {path} at step {step}", flush=True)
@@ -821,7 +828,7 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck
         out = train_step(gen)
         step += 1
         n_log += 1
-        if step % args.log_every == 0 or step == total:
+        if (step % args.log_every == 0 or step == total) and rank == 0:  # rank 0 alone logs, evaluates and writes
             out = {k: float(v) for k, v in out.items()}  # the only host sync of the inner loop
             now, lr = time.time(), opt.param_groups[0]["lr"]
             sps = n_log * args.batch_size / (now - t_log)
@@ -830,15 +837,16 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck
                         f"{stage} step {step}/{total} | {fmt_metrics(out)} | lr {lr:.2e} | {sps:.1f} samples/s | "
                         f"eta {fmt_time(eta)}")
             t_log, n_log = time.time(), 0
-        if step % args.eval_every == 0 or step == total:
+        if (step % args.eval_every == 0 or step == total) and rank == 0:  # the others wait at their next all-reduce
             t0 = time.time()
             metrics = evaluate()
             t_eval += time.time() - t0
             metrics["eval_frac"] = t_eval / max(1e-9, time.time() - t_start)
             log_metrics(args.out, stage, {"step": step, **metrics}, f"{stage} eval step {step}: {fmt_metrics(metrics)}")
             t_log += time.time() - t0
-        if step % args.ckpt_every == 0 or step == total:
-            save_atomic({"kind": stage, "config": cfg, "step": step, "opt": opt.state_dict(), "gen": gen.get_state(),
+        gens = ddp_gather(gen.get_state()) if step % args.ckpt_every == 0 or step == total else None
+        if gens and rank == 0:  # with every rank's sampling stream: --resume on as many ranks continues exactly
+            save_atomic({"kind": stage, "config": cfg, "step": step, "opt": opt.state_dict(), "gens": gens,
                          "torch_rng": torch.get_rng_state(), "metrics": metrics, "run_id": run_id,
                          "wall_s": prior + time.time() - t_start, **{k: m.state_dict() for k, m in modules.items()}},
                         path)
@@ -867,11 +875,13 @@ def run_stage(stage, build, args, train, test):
         args.data_identity = f"train {ids['train']}; test {ids['test']}"
     args.game = train.game if train else data_game(args.data)
     ck = resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
-    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks)
+    rank, ranks = ddp_start(args, stage, ck)  # under torchrun: the ranks meet (each made the same checks)
+    device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks, rank, ranks)
     test_data = test or load_split(args.data, "test")
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
     summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"], ck)
-    write_summary(args.out, stage, summary)
+    if rank == 0:
+        write_summary(args.out, stage, summary)
     return [m.eval() for m in modules.values()], summary
 
 def load_stage(out, stage):
@@ -939,6 +949,7 @@ def build_stage1(args, train_data, test_data, device):
     modules, params, opt, amp = stage_setup(args, train_data, device, idm=build_idm(vars(args)),
                                             fdm=build_fdm(vars(args)))
     idm, fdm = modules["idm"], modules["fdm"]
+    ddp_idm, ddp_fdm, batch = ddp_train(args, idm, fdm)  # the train step's (DDP under torchrun), its share of the batch
     n_params = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"  # noqa: E731
     print(f"stage1: {len(train_data)} train frames ({len(train_data.centres)} windows), {len(test_data)} test frames "
           f"| IDM {n_params(idm)} FDM {n_params(fdm)} params | device {device} amp {amp}", flush=True)
@@ -947,11 +958,11 @@ def build_stage1(args, train_data, test_data, device):
     def train_step(gen):
         # ALGO LOGIC: the FDM predicts o_{t+1} from the past frames and z_q, the only path for information about the
         # future; the VQ bottleneck keeps it small, so it learns "what changed", i.e. the action.
-        c = train_data.sample(args.batch_size, gen)
+        c = train_data.sample(batch, gen)
         w = train_data.windows(c, device)
         with autocast(device, amp):
-            out = idm(w)
-            pred = fdm(w[:, :2], out["zq"])
+            out = ddp_idm(w)
+            pred = ddp_fdm(w[:, :2], out["zq"])
         fdm_loss = F.mse_loss(pred.float(), preprocess(w[:, 2]))
         gn = optimize(opt, fdm_loss + args.commit_weight * out["commit"], params, args.max_grad_norm or math.inf)
         return {"fdm_loss": fdm_loss.detach(), "commit": out["commit"].detach(),
@@ -997,18 +1008,18 @@ def build_stage2(args, train_data, test_data, device):
     seed_everything(args.seed)
     modules, params, opt, amp = stage_setup(args, train_data, device,
                                             policy=ImpalaCNN(3, ck1["config"]["latent_dim"], args.impala_scale))
-    policy = modules["policy"]
+    policy, (ddp_policy, batch) = modules["policy"], ddp_train(args, modules["policy"])
     eval_c = test_data.sample(args.eval_windows, torch.Generator().manual_seed(12345))
-    eval_z = idm_latents(idm, test_data, eval_c, device, amp)
+    eval_z = idm_latents(idm, test_data, eval_c, device, amp) if ddp_world()[0] == 0 else None  # rank 0 evaluates
 
     def train_step(gen):
         # ALGO LOGIC: regress the frozen IDM's *continuous, pre-quantization* latent of the window centred on o_t
         # from o_t alone: it is richer than the code index, and its MSE is smooth.
-        w = train_data.windows(train_data.sample(args.batch_size, gen), device)
+        w = train_data.windows(train_data.sample(batch, gen), device)
         with torch.no_grad(), autocast(device, amp):
             target = idm(w)["z"].float()
         with autocast(device, amp):
-            pred = policy(preprocess(w[:, 1]))
+            pred = ddp_policy(preprocess(w[:, 1]))
         loss = F.mse_loss(pred.float(), target)
         return {"loss": loss.detach(), "grad_norm": optimize(opt, loss, params, args.max_grad_norm or math.inf)}
 
@@ -1425,6 +1436,58 @@ def eval_cmd(args):
     print(json.dumps(summary), flush=True)
     return summary
 
+# ==== SEVERAL RANKS: stages 1 and 2 under torchrun (DDP) ===================================
+# Rank r of N loads the train chunks r, r + N, ... and draws batch/N windows; DDP averages the gradients, the VQ sums
+# its EMA statistics over the ranks (DDP leaves buffers alone after its start: forward_sync_buffers=False); BatchNorm
+# covers the global batch on GPUs (SyncBatchNorm), each rank's batch/N on CPUs. Rank 0 alone locks, evaluates, writes.
+def ddp_world():
+    """(this process's rank, ranks): torchrun's RANK and WORLD_SIZE; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+def ddp_rank(args):
+    """This process's rank (rank 0 alone locks the run folder); refuses the commands that run in one process only."""
+    rank, ranks = ddp_world()
+    if ranks > 1 and getattr(args, "cmd", None) not in ("stage1", "stage2"):
+        raise LapoError("torchrun runs stage1 and stage2; every other command runs in one process (README)")
+    return rank
+
+def ddp_start(args, stage, ck):
+    """After the run's checks (the same on every rank): refuse what the ranks cannot share, then join them, NCCL with
+    one GPU per rank or gloo on CPUs; only rank 0 prints. -> (rank, ranks)"""
+    rank, ranks = ddp_world()
+    chunks = len(chunk_paths(args.data, "train", args.max_chunks)) if ranks > 1 else 0
+    if ck and len(ck.get("gens", [0])) != ranks:  # each rank's sampling stream continues on its own rank only
+        raise LapoError(f"{args.out}/{stage}.pt was trained on {len(ck.get('gens', [0]))} ranks; resume it on as many")
+    if args.batch_size % ranks or chunks % ranks:  # equal shares of equal chunks: sampling uniform over all windows
+        raise LapoError(f"{ranks} ranks need --batch-size and the train chunks in multiples of {ranks}, got "
+                        f"--batch-size {args.batch_size} and {chunks} chunks (--max-chunks takes fewer)")
+    if ranks > 1:
+        cuda, local = get_device(args).type == "cuda", int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local)
+        # Rank 0 evaluates while the others wait at their next all-reduce (stage 1 at `paper`: 35 s on 2 CPU cores,
+        # the authors' probe 538 s): far below this timeout (NCCL's default is 10 minutes).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+        sys.stdout = open(os.devnull, "w") if rank else sys.stdout
+        print(f"{stage}: {ranks} ranks, each with {chunks // ranks} of the {chunks} train chunks (rank r: chunks r, "
+              f"r + {ranks}, ...) and batch {args.batch_size // ranks} of {args.batch_size}", flush=True)
+    return rank, ranks
+
+def ddp_train(args, *modules):
+    """The modules a train step calls, and its batch: under torchrun each in DDP, and this rank's share."""
+    if not dist.is_initialized():
+        return (*modules, args.batch_size)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm if next(modules[0].parameters()).is_cuda else lambda m: m
+    return (*[nn.parallel.DistributedDataParallel(sync(m), forward_sync_buffers=False) for m in modules],
+            args.batch_size // dist.get_world_size())
+
+def ddp_gather(obj):
+    """[every rank's obj] under torchrun; [obj] in one process."""
+    objs = [obj] * ddp_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(objs, obj)
+    return objs
+
 # ==== THE RUN FOLDER AND THE COMMAND LINE: plumbing the method calls (a first read can stop here) ======
 LOCK = "lapo.lock"
 
@@ -1638,14 +1701,20 @@ def main(argv=None, parse=parse_args, interrupted="the last checkpoint is intact
     args = None
     try:
         args = parse(argv)
-        with run_lock(args.out) if getattr(args, "out", None) else contextlib.nullcontext():  # (eval has no --out)
+        with run_lock(args.out) if ddp_rank(args) == 0 and getattr(args, "out", None) else contextlib.nullcontext():
             if getattr(args, "track", False):
                 TRACKERS.append(wandb_logger(args))
             args.func(args)
+        if dist.is_initialized():  # (here, with the stage's DDP modules gone: destroyed under them, gloo can hang)
+            dist.destroy_process_group()
     except LapoError as e:
+        if ddp_world()[0] and not dist.is_initialized():  # before they meet, the ranks refuse alike: rank 0 says it,
+            time.sleep(2)  # and torchrun ends this rank (were it still alive, its refusal is its own)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # exactly: Python's own, CUDA's and torch's CPU allocator's refusals
+        if dist.is_initialized() and "peer" in str(e):  # under torchrun: another rank failed (and said why)
+            sys.exit(1)
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "DefaultCPUAllocator: can't" not in str(e):
             raise
         sizes = [n for names, cmds, *_ in FLAGS if getattr(args, "cmd", None) in cmds for n in names if n in SIZE_FLAGS]

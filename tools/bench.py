@@ -5,8 +5,10 @@
 Collects bigfish frames into a temporary folder, then times the stage-1 and stage-2 train steps (in fp32, and also
 in bf16 autocast where the hardware has bf16 units), the stage-1 evaluation with its probe, window sampling, PPO
 updates (expert and online decoding) and peak memory. Prints one line per measurement, a table and one JSON line
-(also <out>/bench_summary.json with --out). At --preset paper the table shows the authors' figures measured on
-the same kind of CPU (REFERENCE.md); they ran fp32, so only our fp32 rows are compared with them.
+(also <out>/bench_summary.json with --out). Each stage-1 rate is also given as a share of what this host attains:
+its FLOPs per sample (torch's FlopCounterMode, forward and backward: 4.41 GFLOP at paper) times samples/s, over the
+rate of a 3x3 convolution (96 -> 96 channels, 32x32, batch 128, channels_last, forward and backward) in the same
+precision. Hosts of one CPU kind differ up to 2x, so no fixed figure per kind can stand for this one.
 """
 import json
 import os
@@ -21,18 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lapo  # noqa: E402
-
-# The authors' release, paper configuration, bigfish, batch 128, fp32, 2 CPU cores (REFERENCE.md), by CPU kind: the
-# three rows REFERENCE.md measured. Their probe evaluation took 538 s on the AMX machine, as long as 87 train steps
-# of 6.2 s: 87 / (500 + 87) of stage 1 at eval_every 500.
-REFERENCE = {
-    "amx": ("CPU with AMX (amx_bf16)",
-            {"stage1_samples_per_s": 21.0, "stage2_samples_per_s": 26.0, "online_frames_per_s": 11.3,
-             "probe_eval_s": 538.0, "probe_eval_steps": 87.0, "probe_eval_frac": 87 / (500 + 87),
-             "host_mem_x_frames": 6.8}),
-    "avx512_bf16": ("AMD EPYC with AVX-512 BF16, no AMX", {"stage1_samples_per_s": 15.2}),
-    "no_avx512": ("AMD EPYC without AVX-512", {"stage1_samples_per_s": 12.7}),
-}
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
 def parse(argv=None):
@@ -57,14 +48,28 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def reference_row(device, cpuinfo="/proc/cpuinfo"):
-    """The authors' figures for this CPU kind, by its flags: (name, figures), or (None, {}) off a CPU."""
-    if device.type != "cpu":
-        return None, {}
-    with open(cpuinfo) as f:
-        flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
-    # a CPU with AVX-512 but no bf16 units has no row of its own: the nearest is the one without bf16 units either
-    return REFERENCE["amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "no_avx512"]
+def flops(fn):
+    """FLOPs of one call of fn, as torch's FlopCounterMode counts them (convolutions and matrix products, forward and
+    backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def conv_rate(device, amp, warmup, reps=3):
+    """This host's attainable FLOP/s in a precision: a 3x3 convolution, 96 -> 96 channels at 32x32, batch 128,
+    channels_last, forward and backward (the gradients of its input and of its weights), the median of `reps`."""
+    conv = torch.nn.Conv2d(96, 96, 3, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(128, 96, 32, 32, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def step():
+        with lapo.autocast(device, amp):
+            y = conv(x)
+        y.backward(torch.ones_like(y))
+    times = []
+    for _ in range(warmup + reps):
+        timed(step, times, device)()
+    return flops(step) / float(np.median(times[warmup:]))
 
 
 def timed(fn, times, device):
@@ -84,10 +89,6 @@ def bench(args):
     frames = min(lapo.preset_defaults("collect", args.preset)["frames"], 16384) if args.frames is None else args.frames
     device, total, res, rows = lapo.get_device(args), args.warmup + steps, {}, []
     precisions = ("fp32", "bf16") if lapo.bf16_fast(device) else ("fp32",)  # bf16 units: time both precisions
-    ref_name, ref = reference_row(device) if args.preset == "paper" else (None, {})
-    if args.preset == "paper":
-        print(f"bench: reference: the authors' figures on {ref_name} (fp32)" if ref_name else
-              "bench: no reference: the authors' figures are for CPUs", flush=True)
 
     def args_of(*argv, amp=args.amp):  # another command's flags, with this preset, seed, device and amp
         argv += ("--preset", args.preset, "--seed", args.seed, "--device", args.device)
@@ -97,10 +98,10 @@ def bench(args):
     def num(v):
         return f"{v:.0f}" if abs(v) >= 100 else f"{v:#.3g}"
 
-    def record(key, value, unit, what, fp32=True):  # the authors' figures are fp32: compare fp32 rows only
-        res[key], r = value, ref.get(key) if fp32 else None
-        rows.append((what, value, unit, r))
-        print(f"bench: {what}: {num(value)} {unit}" + (f" (reference {num(r)})" if r else ""), flush=True)
+    def record(key, value, unit, what):
+        res[key] = value
+        rows.append((what, value, unit))
+        print(f"bench: {what}: {num(value)} {unit}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         a = args_of("collect", "--env", "bigfish", "--out", os.path.join(tmp, "data"), "--frames", frames,
@@ -126,6 +127,9 @@ def bench(args):
                 setattr(a, f"{stage}_steps", total)
                 a.eval_every = a.ckpt_every = a.log_every = total  # one evaluation and one checkpoint, at the end
                 modules, opt, lr_fn, train_step, evaluate = build(a, train, test, device)
+                if stage == "stage1" and "stage1_gflop_per_sample" not in res:  # (one untimed step, the same in bf16)
+                    record("stage1_gflop_per_sample", flops(lambda: train_step(torch.Generator())) / a.batch_size
+                           / 1e9, "GFLOP", "stage1 FLOPs per sample, forward and backward")
                 step_t, eval_t = [], []
                 train_step, evaluate = timed(train_step, step_t, device), timed(evaluate, eval_t, device)
                 lapo.train_loop(stage, a, modules, opt, lr_fn, train_step, evaluate, total)  # the stage's own loop
@@ -133,6 +137,10 @@ def bench(args):
                 record(f"{stage}_samples_per_s{sfx}", a.batch_size / step_s, "samples/s",
                        f"{stage} train step, batch {a.batch_size}, {prec}")
                 if stage == "stage1":
+                    record(f"conv_gflop_per_s{sfx}", conv_rate(device, prec == "bf16", args.warmup) / 1e9, "GFLOP/s",
+                           f"host's attainable rate (3x3 conv 96->96, 32x32, batch 128), {prec}")
+                    record(f"stage1_pct{sfx}", 100 * a.batch_size / step_s * res["stage1_gflop_per_sample"]
+                           / res[f"conv_gflop_per_s{sfx}"], "% of it", f"stage1 train step's FLOP/s, {prec}")
                     record(f"probe_eval_s{sfx}", eval_t[0], "s",
                            f"stage1 eval (test loss + probe on {a.probe_windows}), {prec}")
                     record(f"probe_eval_steps{sfx}", eval_t[0] / step_s, "train steps",
@@ -162,16 +170,14 @@ def bench(args):
             update_s = np.diff([c["frames"] / c["fps"] for c in curve])  # fps counts from the start of PPO
             amp = lapo.use_amp(a, device)
             record(f"{stage}_frames_per_s", a.num_envs * a.num_steps / np.median(update_s), "env frames/s",
-                   f"PPO {stage}, {a.num_envs} envs x {a.num_steps} steps, {'bf16' if amp else 'fp32'}", not amp)
-    print(f"\nreference: the authors' release, fp32, on {ref_name}" if ref_name else "")
-    print(f"{'measure':<52} {'value':>8}  {'unit':<14} {'reference':>9} {'ratio':>6}")
-    for what, v, unit, r in rows:
-        print((f"{what:<52} {num(v):>8}  {unit:<14}" + (f" {num(r):>9} {v / r:>6.2f}" if r else "")).rstrip())
+                   f"PPO {stage}, {a.num_envs} envs x {a.num_steps} steps, {'bf16' if amp else 'fp32'}")
+    print(f"\n{'measure':<60} {'value':>8}  unit")
+    for what, v, unit in rows:
+        print(f"{what:<60} {num(v):>8}  {unit}")
     out = {"bench": {"preset": args.preset, "device": str(device), "precisions": list(precisions),
-                     "ppo_amp": None if args.no_ppo else amp, "threads": torch.get_num_threads(), "steps": steps,
-                     "warmup": args.warmup,
-                     "ppo_updates": args.ppo_updates, "frames": len(train) + len(test), **res,
-                     **({"reference_cpu": ref_name, "reference": ref} if ref_name else {})}}
+                     "ppo_amp": None if args.no_ppo else amp,
+                     "threads": torch.get_num_threads(), "steps": steps, "warmup": args.warmup,
+                     "ppo_updates": args.ppo_updates, "frames": len(train) + len(test), **res}}
     if args.out:
         lapo.write_summary(args.out, "bench", out)  # bench_summary.json, and the JSON line
     else:

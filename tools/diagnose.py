@@ -35,14 +35,15 @@ def build_supervised(args, train_data, test_data, device):
     modules, params, opt, amp = lapo.stage_setup(args, train_data, device, idm=lapo.build_idm(vars(args)),
                                                  head=nn.Linear(args.latent_dim, lapo.NUM_ACTIONS))
     idm, head = modules["idm"], modules["head"]
+    ddp_idm, ddp_head, batch = lapo.ddp_train(args, idm, head)  # the train step's (DDP under torchrun), its batch
     _, probe_c = lapo.stage1_test_windows(args, test_data)  # the latent IDM's probe windows
     print(f"supervised IDM: {len(train_data)} train frames, {len(test_data)} test frames | device {device} amp {amp}",
           flush=True)
 
     def train_step(gen):
-        c = train_data.sample(args.batch_size, gen)
+        c = train_data.sample(batch, gen)
         with lapo.autocast(device, amp):
-            logits = head(idm(train_data.windows(c, device))["z"])
+            logits = ddp_head(ddp_idm(train_data.windows(c, device))["z"])
         loss = F.cross_entropy(logits.float(), train_data.labels(c).to(device))
         return {"action_loss": loss.detach(), "grad_norm": lapo.optimize(opt, loss, params,
                                                                          args.max_grad_norm or math.inf)}
