@@ -941,6 +941,17 @@ def stage1_lr_fn(steps):
     """Stage 1's LR multiplier (the authors'): warm-up 0.1x -> 1x over 50 steps, then linear to 0.01x at the end."""
     return make_lr_fn(steps, 50, 0.1, 0.01)
 
+def stage1_loss(idm, fdm, w, args, amp):
+    """Stage 1's loss on a batch of windows w (B, 3, 64, 64, 3) uint8 -> (loss, metrics to log)."""
+    # ALGO LOGIC: the FDM predicts o_{t+1} from the past frames and z_q, the only path for information about the
+    # future; the VQ bottleneck keeps it small, so it learns "what changed", i.e. the action.
+    with autocast(w.device, amp):
+        out = idm(w)
+        pred = fdm(w[:, :2], out["zq"])
+    fdm_loss = F.mse_loss(pred.float(), preprocess(w[:, 2]))
+    metrics = {"fdm_loss": fdm_loss, "commit": out["commit"], "perplexity": out["perplexity"]}
+    return fdm_loss + args.commit_weight * out["commit"], {k: v.detach() for k, v in metrics.items()}
+
 def build_stage1(args, train_data, test_data, device):
     """Stage 1's models, optimizer, LR schedule, train step and evaluation: what train_loop runs (and the bench
     times). -> (modules, opt, lr_fn, train_step, evaluate)"""
@@ -956,17 +967,9 @@ def build_stage1(args, train_data, test_data, device):
     eval_c, probe_c = stage1_test_windows(args, test_data)
 
     def train_step(gen):
-        # ALGO LOGIC: the FDM predicts o_{t+1} from the past frames and z_q, the only path for information about the
-        # future; the VQ bottleneck keeps it small, so it learns "what changed", i.e. the action.
-        c = train_data.sample(batch, gen)
-        w = train_data.windows(c, device)
-        with autocast(device, amp):
-            out = ddp_idm(w)
-            pred = ddp_fdm(w[:, :2], out["zq"])
-        fdm_loss = F.mse_loss(pred.float(), preprocess(w[:, 2]))
-        gn = optimize(opt, fdm_loss + args.commit_weight * out["commit"], params, args.max_grad_norm or math.inf)
-        return {"fdm_loss": fdm_loss.detach(), "commit": out["commit"].detach(),
-                "perplexity": out["perplexity"].detach(), "grad_norm": gn}
+        w = train_data.windows(train_data.sample(batch, gen), device)
+        loss, metrics = stage1_loss(ddp_idm, ddp_fdm, w, args, amp)
+        return {**metrics, "grad_norm": optimize(opt, loss, params, args.max_grad_norm or math.inf)}
 
     @torch.no_grad()
     def evaluate():
@@ -1098,6 +1101,11 @@ def heldout_centres(test):
     """Stage 3's fixed held-out windows (2,048 test-split frames) for accuracy; results/scripts measures on them too."""
     return test.sample(min(2048, len(test.centres)), torch.Generator().manual_seed(1))
 
+def labeled_centres(data, n, seed):
+    """The n windows whose true actions offline decoding reads (nested: a larger n adds windows to a smaller n's)."""
+    return data.centres[torch.randperm(len(data.centres), generator=torch.Generator().manual_seed(seed))[:n].to(
+        data.centres.device)]
+
 def stage3_game(ck1, args):
     """The game stage 3's policies are evaluated on: stage 1's data folder's name, or --env."""
     game = ck1["config"].get("game") or args.env
@@ -1130,11 +1138,10 @@ def stage3_offline(args):
     test_c = heldout_centres(test_data)
     test_frames, test_y = test_data.obs[test_c.cpu()], test_data.labels(test_c)
     test_pi = policy_latents(policy, test_frames, device, amp)
-    perm = torch.randperm(len(train_data.centres), generator=torch.Generator().manual_seed(args.seed))
     arch = {"scale": ck2["config"]["impala_scale"], "latent_dim": ck1["config"]["latent_dim"]}
     results = []
     for n in args.labels:
-        c = train_data.centres[perm[:n].to(train_data.centres.device)]
+        c = labeled_centres(train_data, n, args.seed)
         y = train_data.labels(c)
         # ALGO LOGIC: the decoder maps latent actions to real ones. Fit it on pi(o_t), what it decodes when acting;
         # the IDM's latents are cleaner, but pi(o_t) is their mean given o_t alone: a shifted input.

@@ -44,9 +44,17 @@ def collapsed(tmp, seed):
     return {"min_entropy": entropy, "max_change": change}
 
 
+def few_labels(labels, *flags, steps=200):
+    def run(tmp, seed):
+        s = T.few_labels_run(tmp, seed, labels, *flags, steps=steps)[0]
+        return {"probe_acc": s["probe_acc"], "majority": s["probe_majority"]}
+    return run
+
+
 CASES = {"collapsed_decoder": collapsed, "supervised_idm": supervised, "offline_decoding": offline,
          "offline_decoding_untrained_policy": lambda tmp, seed: offline(tmp, seed, 1e-9),
-         "stage1_paper_fdm": stage1_case("--fdm-residual", 0), "stage1_tiny": stage1_case()}
+         "stage1_paper_fdm": stage1_case("--fdm-residual", 0), "stage1_tiny": stage1_case(),
+         "few_labels_plain": few_labels(0), "few_labels_1024": few_labels(1024)}
 
 
 def cpu():
