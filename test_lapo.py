@@ -1568,10 +1568,9 @@ def test_supervised_idm_diagnostic(tmp_path, capsys):
     assert s["test_acc"] > 0.6 and s["probe_acc"] > 0.7, s
     with pytest.raises(lapo.LapoError, match="supervised-IDM diagnostic"):
         lapo.stage2(lapo.parse_args(["stage2", *argv]), train, test)
-    obs, done, _ = moving_square_video(2048, seed=5)
     args = diagnose_tool.parse(["supervised-idm", *argv[:-1], str(tmp_path / "b")])
     with pytest.raises(lapo.LapoError, match="has no 'ta'"):  # it needs the actions
-        args.func(args, lapo.FrameData(obs, done), test)
+        args.func(args, lapo.FrameData(train.obs, train.breaks), test)
     for bad in ([], ["stage1"], ["supervised-idm", "--stage1-steps", "0"]):  # one line, exit 2
         with pytest.raises(SystemExit) as e:
             diagnose_tool.main(bad)
@@ -1587,7 +1586,7 @@ def test_stage3_offline_online_and_eval_cli(pipeline):
     # the held-out accuracies reported are the saved policies', on stage 3's held-out test windows
     cpu, test = torch.device("cpu"), lapo.load_split(str(root / "data/bigfish"), "test")
     c = lapo.heldout_centres(test)
-    amp = lapo.use_amp(argparse.Namespace(amp="off"), cpu)  # tiny: --amp off
+    amp = False  # tiny: --amp off
     decoded, _ = lapo.load_policy(str(run / "decoded_16.pt"), cpu)
     pi = lapo.policy_latents(decoded.policy, test.obs[c], cpu, amp)
     assert lapo.accuracy(decoded.decoder, pi, test.labels(c), cpu) == rows[("lapo", 16)]["test_acc"]

@@ -33,7 +33,8 @@ def main(root, episodes, seeds):
             rows.setdefault(n, []).append((old["lapo", n], old["bc", n], new["lapo"], new["bc"]))
     print(f"{root}, seeds {', '.join(map(str, seeds))}: mean return, mean ± SE over seeds\n")
     e = f"{episodes} eps"
-    print(f"| labels | LAPO (64 eps) | BC (64 eps) | LAPO − BC (64 eps) | LAPO ({e}) | BC ({e}) | LAPO − BC ({e}) |")
+    print("| labels | LAPO (64 eps) | BC (64 eps) | LAPO − BC (64 eps) | "
+          f"LAPO ({e}) | BC ({e}) | LAPO − BC ({e}) |")
     print("|---|---|---|---|---|---|---|")
     for n, r in rows.items():
         r = np.asarray(r)
