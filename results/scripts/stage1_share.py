@@ -29,6 +29,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import lapo  # noqa: E402
 from pipeline import fmt_stats, read_metrics  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdm_ablation import z_reliance  # noqa: E402
+
 MOVES = np.array([[dy, dx] for dy in (-4, 0, 4) for dx in (-4, 0, 4)])  # 9 actions; index 4 is noop
 
 
@@ -81,29 +84,40 @@ def train(cmd, data, out, seed, extra):
 
 def run(a):
     for seed in a.seeds:
-        train([os.path.join(ROOT, "tools", "diagnose.py"), "supervised-idm"], a.data,
-              os.path.join(a.runs, f"sup-s{seed}"), seed, ["--amp", "off", *a.flags.split()])
+        if not a.no_sup:
+            train([os.path.join(ROOT, "tools", "diagnose.py"), "supervised-idm"], a.data,
+                  os.path.join(a.runs, f"sup-s{seed}"), seed, ["--amp", "off", *a.flags.split()])
         for amp in a.amp.split(","):
             train([os.path.join(ROOT, "lapo.py"), "stage1"], a.data, os.path.join(a.runs, f"{amp}-s{seed}"), seed,
                   ["--amp", amp, *a.flags.split()])
 
 
+def at(rows, key, step):
+    """The logged value of stage1/<key> at the last logged step <= step (None if none)."""
+    v = [r[f"stage1/{key}"] for r in rows if f"stage1/{key}" in r and r["stage1/step"] <= step]
+    return v[-1] if v else None
+
+
 def report(a):
-    runs = {}
+    runs, test = {}, lapo.load_split(a.data, "test")
     for name in sorted(os.listdir(a.runs)):
         path = os.path.join(a.runs, name, "stage1_summary.json")
         if os.path.exists(path):
-            curve = [(r["stage1/step"], r["stage1/probe_acc"]) for r in read_metrics(os.path.join(a.runs, name,
-                                                                                                "metrics.jsonl"))
-                     if "stage1/probe_acc" in r]
+            rows = read_metrics(os.path.join(a.runs, name, "metrics.jsonl"))
+            curve = [(r["stage1/step"], r["stage1/probe_acc"]) for r in rows if "stage1/probe_acc" in r]
             runs[name] = {**json.load(open(path)), "curve": curve}
+            if not name.startswith("sup-"):  # what differs early between good and bad runs, and z's use at the end
+                z = z_reliance(os.path.join(a.runs, name), lapo.build_fdm, test)
+                runs[name].update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
+                                  fdm=at(rows, "fdm_loss", 3000), z=z)
     sup = [r["probe_acc"] for n, r in runs.items() if n.startswith("sup-")]
     if not sup:
         return print("no supervised run finished yet")
     ceiling = float(np.mean(sup))
     print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}\n")
-    print("| run | probe | majority | share of ceiling above majority | found | probe at each eval |")
-    print("|---|---|---|---|---|---|")
+    print("| run | probe | majority | share of ceiling above majority | found | probe at each eval | perplexity at "
+          "250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z |")
+    print("|---|---|---|---|---|---|---|---|---|")
     found = {}
     for name, r in runs.items():
         if name.startswith("sup-"):
@@ -111,7 +125,8 @@ def report(a):
         share = (r["probe_acc"] - r["probe_majority"]) / (ceiling - r["probe_majority"])
         found.setdefault(name.split("-")[0], []).append(share >= 0.8)
         print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
-              f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} |")
+              f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
+              f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | {r['fdm']:.5f} | {r['z']:.3f} |")
     for amp, f in found.items():
         probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
         print(f"\n--amp {amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
@@ -125,6 +140,7 @@ def main():
     ap.add_argument("runs", nargs="?")
     ap.add_argument("--seeds", type=seeds, default=seeds("0-7"))
     ap.add_argument("--amp", default="off,on")
+    ap.add_argument("--no-sup", action="store_true", help="skip the supervised IDM (the ceiling) for these seeds")
     ap.add_argument("--flags", default="", help="more stage-1 flags for every run, e.g. '--vq-decay 0.95'")
     a = ap.parse_args()
     if a.what == "sprite":
