@@ -1999,7 +1999,8 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
 
     def interrupted_write(f):  # Ctrl-C arrives in the middle of the next version
         f.write(b"half")
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill lets the kernel pick any thread of the process,
+        # and the main thread (which alone raises KeyboardInterrupt) may see it only after the write has finished
 
     with pytest.raises(KeyboardInterrupt):
         lapo.write_atomic(str(path), interrupted_write)
