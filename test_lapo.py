@@ -1999,11 +1999,16 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
 
     def interrupted_write(f):  # Ctrl-C arrives in the middle of the next version
         f.write(b"half")
-        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill lets the kernel pick any thread of the process,
-        # and the main thread (which alone raises KeyboardInterrupt) may see it only after the write has finished
+        signal.raise_signal(signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        lapo.write_atomic(str(path), interrupted_write)
+    # Python's own handler, which turns SIGINT into KeyboardInterrupt: a process started in the background by a shell
+    # without job control (`pytest &` in a script) inherits SIGINT ignored, and Python then installs none
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lapo.write_atomic(str(path), interrupted_write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert os.listdir(tmp_path) == ["0.npz"] and np.load(path)["ta"].shape == (64,)  # the first version, no .tmp
 
 
