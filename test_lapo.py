@@ -395,7 +395,26 @@ def test_stage1_recovers_actions_from_video_alone(tmp_path):
     assert summary["probe_acc"] > acc0 + 0.15, (acc0, summary)
 
 
+def die_after_checkpoint(mp, key, value):
+    """Through monkeypatch `mp`: the process dies (KeyboardInterrupt) right after writing the checkpoint whose `key`
+    ("step" or "update") is `value`."""
+    real_save = lapo.save_atomic
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        if obj.get(key) == value:
+            raise KeyboardInterrupt
+    mp.setattr(lapo, "save_atomic", save_then_crash)
+
+
 # ---------------------------------------------------------------------------------------------- the fork
+def few_labels_argv(data, out, seed, steps=200, batch=16):
+    """The stage-1 flags of few_labels_run, without the fork's own."""
+    return ["stage1", "--preset", "tiny", "--data", str(data), "--out", str(out), "--seed", str(seed), "--stage1-steps",
+            str(steps), "--batch-size", str(batch), "--eval-every", str(steps), "--probe-windows", "1024",
+            "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3"]
+
+
 def few_labels_run(tmp_path, seed, labels, *flags, steps=200, batch=16):
     """examples/few_labels.py's stage 1 at `tiny` on the moving-texture video (4,096 train frames, their actions in the
     files), `labels` of its windows labeled (0: plain stage 1, the same batches). -> (summary, --data, --out)"""
@@ -410,10 +429,8 @@ def few_labels_run(tmp_path, seed, labels, *flags, steps=200, batch=16):
     saved = list(lapo.FLAGS)
     try:
         few_labels.add_flags()  # (into lapo's table, restored below: the other tests parse lapo's own flags)
-        args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", str(data), "--out", str(out), "--seed",
-                                str(seed), "--stage1-steps", str(steps), "--batch-size", str(batch), "--eval-every",
-                                str(steps), "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9",
-                                "--lr", "1e-3", "--stage1-labels", str(labels), *map(str, flags)])
+        args = lapo.parse_args([*few_labels_argv(data, out, seed, steps, batch), "--stage1-labels", str(labels),
+                                *map(str, flags)])
         return few_labels.stage1(args)[2], data, out
     finally:
         lapo.FLAGS[:] = saved
@@ -441,17 +458,9 @@ def test_the_fork_resumes_exactly_and_plain_lapo_refuses_its_checkpoint(tmp_path
     """The fork's labeled minibatches come from torch's global stream, which lapo's checkpoint saves: a run killed
     after its step-4 checkpoint and resumed ends with the weights (the head's too) of one that was never killed."""
     straight = few_labels_run(tmp_path / "a", 3, 256, "--ckpt-every", "4", steps=8)[2]
-    real_save = lapo.save_atomic
-
-    def save_then_crash(obj, path):
-        real_save(obj, path)
-        if obj.get("step") == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(lapo, "save_atomic", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        die_after_checkpoint(mp, "step", 4)
         few_labels_run(tmp_path / "b", 3, 256, "--ckpt-every", "4", steps=8)
-    monkeypatch.setattr(lapo, "save_atomic", real_save)
     summary, data, resumed = few_labels_run(tmp_path / "b", 3, 256, "--ckpt-every", "4", "--resume", steps=8)
     a, b = (torch.load(d / "stage1.pt", weights_only=True) for d in (straight, resumed))
     assert summary["step"] == 8 and set(a) >= {"idm", "fdm", "head"}
@@ -459,10 +468,7 @@ def test_the_fork_resumes_exactly_and_plain_lapo_refuses_its_checkpoint(tmp_path
         for k, v in a[m].items():
             assert torch.equal(v, b[m][k]), (m, k)
     with pytest.raises(lapo.LapoError, match="stage1_labels"):  # lapo's own stage 1 would drop the labels
-        lapo.stage1(lapo.parse_args(["stage1", "--preset", "tiny", "--data", str(data), "--out", str(resumed), "--seed",
-                                     "3", "--stage1-steps", "8", "--batch-size", "16", "--eval-every", "8",
-                                     "--probe-windows", "1024", "--log-every", "100", "--vq-decay", "0.9", "--lr", "1e-3",
-                                     "--ckpt-every", "4", "--resume"]))
+        lapo.stage1(lapo.parse_args([*few_labels_argv(data, resumed, 3, steps=8), "--ckpt-every", "4", "--resume"]))
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -473,17 +479,9 @@ def test_resume_continues_exactly_and_config_mismatch_is_refused(tmp_path, monke
             "--ckpt-every", "4", "--probe-windows", "64", "--log-every", "4"]
     idm_full, fdm_full, _ = lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "a")]), train, test)
 
-    real_save = lapo.save_atomic
-
-    def save_then_crash(obj, path):  # the process dies right after the step-4 checkpoint
-        real_save(obj, path)
-        if obj.get("step") == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(lapo, "save_atomic", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        die_after_checkpoint(mp, "step", 4)
         lapo.stage1(lapo.parse_args(base + ["--out", str(tmp_path / "b")]), train, test)
-    monkeypatch.setattr(lapo, "save_atomic", real_save)
     assert not os.path.exists(tmp_path / "b/stage1.pt.tmp")
     ck = torch.load(tmp_path / "b/stage1.pt", weights_only=False)
     assert ck["wall_s"] > 0
@@ -1110,18 +1108,10 @@ def test_stage2_resume_is_exact_and_overwrite_or_config_change_is_refused(stage1
             "3", "--ckpt-every", "3", "--log-every", "1", "--eval-windows", "32", "--warmup2", "2"]
     full, _ = lapo.stage2(lapo.parse_args(base + ["--out", str(with_stage1(stage1_run, tmp_path / "a"))]), train, test)
 
-    real_save = lapo.save_atomic
-
-    def save_then_crash(obj, path):  # the process dies right after the step-3 checkpoint
-        real_save(obj, path)
-        if obj.get("step") == 3:
-            raise KeyboardInterrupt
-
     b = with_stage1(stage1_run, tmp_path / "b")
-    monkeypatch.setattr(lapo, "save_atomic", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        die_after_checkpoint(mp, "step", 3)
         lapo.stage2(lapo.parse_args(base + ["--out", str(b)]), train, test)
-    monkeypatch.setattr(lapo, "save_atomic", real_save)
     ck = torch.load(b / "stage2.pt", weights_only=False)
     assert ck["kind"] == "stage2" and ck["step"] == 3 and not os.path.exists(b / "stage2.pt.tmp")
     with pytest.raises(lapo.LapoError, match="already exists"):  # no --resume: refused, the checkpoint kept
@@ -1170,13 +1160,7 @@ def ppo_run(out, monkeypatch, *extra, crash_after=None, on_reset=None):
     hooks = {"save": lambda: {"n": state["n"], "sum": state["sum"].clone()}, "load": load}
     with monkeypatch.context() as mp:
         if crash_after is not None:
-            real_save = lapo.save_atomic
-
-            def save_then_crash(obj, path):
-                real_save(obj, path)
-                if obj.get("update") == crash_after:
-                    raise KeyboardInterrupt
-            mp.setattr(lapo, "save_atomic", save_then_crash)
+            die_after_checkpoint(mp, "update", crash_after)
         if on_reset is not None:
             real_reset = lapo.Envs.reset
             mp.setattr(lapo.Envs, "reset", lambda self: on_reset(agent) or real_reset(self))
@@ -1852,13 +1836,6 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the same chunks at another path
     shutil.copytree(tmp_path / "a", tmp_path / "other")
     np.savez(tmp_path / "other/train/1.npz", obs=obs[64:190], done=done[64:190], ta=ta[64:190])  # one chunk changed
-    real_save = lapo.save_atomic
-
-    def crash_at_2(obj, path):
-        real_save(obj, path)
-        if obj.get("step") == 2:
-            raise KeyboardInterrupt
-
     def run(stage, data, *extra, crash=False, reads=True):
         argv = [stage, "--preset", "tiny", "--amp", "off", "--data", str(tmp_path / data), "--out", str(tmp_path / "r"),
                 f"--{stage}-steps", "4", "--ckpt-every", "2", "--eval-every", "4", "--eval-windows", "16",
@@ -1867,7 +1844,7 @@ def test_resume_refuses_other_data_or_another_stage1(tmp_path, monkeypatch):
             argv.remove("--probe-windows"), argv.remove("16")
         with monkeypatch.context() as m:
             if crash:
-                m.setattr(lapo, "save_atomic", crash_at_2)
+                die_after_checkpoint(m, "step", 2)
             if not reads:  # a refusal comes before any frame is read
                 m.setattr(lapo, "load_split", lambda *a: pytest.fail("frames were read before the refusal"))
             return getattr(lapo, stage)(lapo.parse_args(argv))
