@@ -3,6 +3,7 @@ steps, and the supervised IDM's ceiling on the same data and budget.
 
     python results/scripts/stage1_share.py sprite DATA_ROOT                   # DATA_ROOT/sprite: action-free video
     python results/scripts/stage1_share.py run DATA_ROOT/GAME RUNS [--seeds 0-7] [--amp off,on] [--flags "..."]
+        [--script results/scripts/vq_knobs.py --name restart]               # a knob: RUNS/restart_<amp>-s<seed>
     python results/scripts/stage1_share.py report DATA_ROOT/GAME RUNS         # every run, and the share found
 
 `sprite` writes a synthetic video in lapo's layout (65,536 train and 8,192 test frames, as `small` collects): a
@@ -23,6 +24,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
@@ -83,13 +85,26 @@ def train(cmd, data, out, seed, extra):
 
 
 def run(a):
+    prefix = f"{a.name}_" if a.name else ""
     for seed in a.seeds:
         if not a.no_sup:
             train([os.path.join(ROOT, "tools", "diagnose.py"), "supervised-idm"], a.data,
                   os.path.join(a.runs, f"sup-s{seed}"), seed, ["--amp", "off", *a.flags.split()])
         for amp in a.amp.split(","):
-            train([os.path.join(ROOT, "lapo.py"), "stage1"], a.data, os.path.join(a.runs, f"{amp}-s{seed}"), seed,
-                  ["--amp", amp, *a.flags.split()])
+            train([os.path.join(ROOT, a.script), "stage1"], a.data, os.path.join(a.runs, f"{prefix}{amp}-s{seed}"),
+                  seed, ["--amp", amp, *a.flags.split()])
+
+
+def code_usage(run, test):
+    """Codes each of the 8 slots uses on 2,048 test windows (of 64 each): how many codes the EMA left alive."""
+    ck = lapo.load_checkpoint(os.path.join(run, "stage1.pt"), ("stage1",))
+    idm = lapo.build_idm(ck["config"])
+    idm.load_state_dict(ck["idm"])
+    idm.eval()
+    centres = test.sample(2048, torch.Generator().manual_seed(12345))
+    with torch.no_grad():
+        codes = torch.cat([idm(test.windows(centres[i:i + 256], "cpu"))["codes"] for i in range(0, 2048, 256)])
+    return [torch.unique(codes[:, k]).numel() for k in range(codes.shape[1])]
 
 
 def at(rows, key, step):
@@ -109,15 +124,16 @@ def report(a):
             if not name.startswith("sup-"):  # what differs early between good and bad runs, and z's use at the end
                 z = z_reliance(os.path.join(a.runs, name), lapo.build_fdm, test)
                 runs[name].update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
-                                  fdm=at(rows, "fdm_loss", 3000), z=z)
+                                  fdm=at(rows, "fdm_loss", 3000), z=z,
+                                  codes=code_usage(os.path.join(a.runs, name), test))
     sup = [r["probe_acc"] for n, r in runs.items() if n.startswith("sup-")]
     if not sup:
         return print("no supervised run finished yet")
     ceiling = float(np.mean(sup))
     print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}\n")
     print("| run | probe | majority | share of ceiling above majority | found | probe at each eval | perplexity at "
-          "250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | codes used per slot |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     found = {}
     for name, r in runs.items():
         if name.startswith("sup-"):
@@ -126,7 +142,8 @@ def report(a):
         found.setdefault(name.split("-")[0], []).append(share >= 0.8)
         print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
               f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
-              f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | {r['fdm']:.5f} | {r['z']:.3f} |")
+              f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
+              f"{' '.join(map(str, r['codes']))} |")
     for amp, f in found.items():
         probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
         print(f"\n--amp {amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
@@ -142,6 +159,9 @@ def main():
     ap.add_argument("--amp", default="off,on")
     ap.add_argument("--no-sup", action="store_true", help="skip the supervised IDM (the ceiling) for these seeds")
     ap.add_argument("--flags", default="", help="more stage-1 flags for every run, e.g. '--vq-decay 0.95'")
+    ap.add_argument("--script", default="lapo.py", help="the stage-1 script, relative to the repo root (a knob's or "
+                    "a fork's, e.g. results/scripts/vq_knobs.py)")
+    ap.add_argument("--name", default="", help="the runs' name: RUNS/<name>_<amp>-s<seed> (default: RUNS/<amp>-s<seed>)")
     a = ap.parse_args()
     if a.what == "sprite":
         return write_sprite(a.data)
