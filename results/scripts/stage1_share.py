@@ -161,7 +161,8 @@ def main():
     ap.add_argument("--flags", default="", help="more stage-1 flags for every run, e.g. '--vq-decay 0.95'")
     ap.add_argument("--script", default="lapo.py", help="the stage-1 script, relative to the repo root (a knob's or "
                     "a fork's, e.g. results/scripts/vq_knobs.py)")
-    ap.add_argument("--name", default="", help="the runs' name: RUNS/<name>_<amp>-s<seed> (default: RUNS/<amp>-s<seed>)")
+    ap.add_argument("--name", default="", help="the runs' name: RUNS/<name>_<amp>-s<seed> (default: "
+                    "RUNS/<amp>-s<seed>)")
     a = ap.parse_args()
     if a.what == "sprite":
         return write_sprite(a.data)

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import test_lapo as T  # noqa: E402
 
 
@@ -25,6 +25,18 @@ def stage1_case(*flags):
     def run(tmp, seed):
         acc0, s = T.stage1_from_video_alone(tmp, seed, *flags)
         return {"probe_acc": s["probe_acc"], "untrained_acc": acc0, "majority": s["probe_majority"]}
+    return run
+
+
+def knob_case(**knobs):
+    """stage1_tiny with a VQ knob of results/scripts/vq_knobs.py (issue 34), e.g. vq_restart=0.1."""
+    def run(tmp, seed):
+        import vq_knobs  # (its VQ replaces lapo's; with every knob at 0 it is lapo's)
+        vq_knobs.KNOBS.update(knobs)
+        try:
+            return stage1_case()(tmp, seed)
+        finally:
+            vq_knobs.KNOBS.update(vq_restart=0.0, vq_count_init=0.0)
     return run
 
 
@@ -54,6 +66,9 @@ def few_labels(labels, *flags, steps=200):
 CASES = {"collapsed_decoder": collapsed, "supervised_idm": supervised, "offline_decoding": offline,
          "offline_decoding_untrained_policy": lambda tmp, seed: offline(tmp, seed, 1e-9),
          "stage1_paper_fdm": stage1_case("--fdm-residual", 0), "stage1_tiny": stage1_case(),
+         "stage1_tiny_vq_restart": knob_case(vq_restart=0.1), "stage1_tiny_vq_count1": knob_case(vq_count_init=1.0),
+         "stage1_tiny_vq_decay_0.99": stage1_case("--vq-decay", 0.99), "stage1_tiny_commit_0.25":
+         stage1_case("--commit-weight", 0.25), "stage1_tiny_lr_3e-4": stage1_case("--lr", 3e-4),
          "few_labels_plain": few_labels(0), "few_labels_1024": few_labels(1024)}
 
 
