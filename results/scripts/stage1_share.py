@@ -146,8 +146,12 @@ def report(a):
               f"{' '.join(map(str, r['codes']))} |")
     for amp, f in found.items():
         probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
-        print(f"\n--amp {amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
+        print(f"\n{amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
               f"min {min(probes):.3f}, max {max(probes):.3f}")
+        pairs = [r["probe_acc"] - runs[f"off-{n.rsplit('-', 1)[1]}"]["probe_acc"] for n, r in runs.items()
+                 if n.startswith(amp + "-") and f"off-{n.rsplit('-', 1)[1]}" in runs]
+        if amp != "off" and pairs:  # a knob or another precision against plain fp32 on the same seeds
+            print(f"  paired with off (same seed, {len(pairs)} seeds): {fmt_stats(pairs)}, min {min(pairs):+.3f}")
 
 
 def main():
