@@ -56,9 +56,9 @@ def collapsed(tmp, seed):
     return {"min_entropy": entropy, "max_change": change}
 
 
-def few_labels(labels, *flags, steps=200):
+def few_labels(labels, *flags, steps=200, batch=16):
     def run(tmp, seed):
-        s = T.few_labels_run(tmp, seed, labels, *flags, steps=steps)[0]
+        s = T.few_labels_run(tmp, seed, labels, *flags, steps=steps, batch=batch)[0]
         return {"probe_acc": s["probe_acc"], "majority": s["probe_majority"]}
     return run
 
@@ -69,7 +69,10 @@ CASES = {"collapsed_decoder": collapsed, "supervised_idm": supervised, "offline_
          "stage1_tiny_vq_restart": knob_case(vq_restart=0.1), "stage1_tiny_vq_count1": knob_case(vq_count_init=1.0),
          "stage1_tiny_vq_decay_0.99": stage1_case("--vq-decay", 0.99), "stage1_tiny_commit_0.25":
          stage1_case("--commit-weight", 0.25), "stage1_tiny_lr_3e-4": stage1_case("--lr", 3e-4),
-         "few_labels_plain": few_labels(0), "few_labels_1024": few_labels(1024)}
+         "few_labels_plain": few_labels(0), "few_labels_1024": few_labels(1024),
+         "few_labels_plain_100": few_labels(0, steps=100), "few_labels_1024_100": few_labels(1024, steps=100),
+         "few_labels_plain_b8": few_labels(0, batch=8),
+         "few_labels_1024_b8": few_labels(1024, "--label-batch", 8, batch=8)}
 
 
 def cpu():
