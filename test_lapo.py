@@ -1976,7 +1976,8 @@ def test_full_disk_and_ctrl_c_never_leave_half_files(tmp_path, monkeypatch):
 
     def interrupted_write(f):  # Ctrl-C arrives in the middle of the next version
         f.write(b"half")
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill lets the kernel pick any thread of the process,
+        # and the main thread (which alone raises KeyboardInterrupt) may see it only after the write has finished
 
     # Python's own handler, which turns SIGINT into KeyboardInterrupt: a process started in the background by a shell
     # without job control (`pytest &` in a script) inherits SIGINT ignored, and Python then installs none

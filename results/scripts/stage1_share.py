@@ -97,10 +97,7 @@ def run(a):
 
 def code_usage(run, test):
     """Codes each of the 8 slots uses on 2,048 test windows (of 64 each): how many codes the EMA left alive."""
-    ck = lapo.load_checkpoint(os.path.join(run, "stage1.pt"), ("stage1",))
-    idm = lapo.build_idm(ck["config"])
-    idm.load_state_dict(ck["idm"])
-    idm.eval()
+    idm = lapo.load_stage1(run, "cpu")[0]
     centres = test.sample(2048, torch.Generator().manual_seed(12345))
     with torch.no_grad():
         codes = torch.cat([idm(test.windows(centres[i:i + 256], "cpu"))["codes"] for i in range(0, 2048, 256)])
@@ -148,8 +145,8 @@ def report(a):
         probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
         print(f"\n{amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
               f"min {min(probes):.3f}, max {max(probes):.3f}")
-        pairs = [r["probe_acc"] - runs[f"off-{n.rsplit('-', 1)[1]}"]["probe_acc"] for n, r in runs.items()
-                 if n.startswith(amp + "-") and f"off-{n.rsplit('-', 1)[1]}" in runs]
+        plain = {n: "off-" + n.rsplit("-", 1)[1] for n in runs if n.startswith(amp + "-")}  # same seed, plain fp32
+        pairs = [runs[n]["probe_acc"] - runs[o]["probe_acc"] for n, o in plain.items() if o in runs]
         if amp != "off" and pairs:  # a knob or another precision against plain fp32 on the same seeds
             print(f"  paired with off (same seed, {len(pairs)} seeds): {fmt_stats(pairs)}, min {min(pairs):+.3f}")
 
