@@ -32,6 +32,7 @@ import time
 import uuid
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -282,7 +283,7 @@ class Envs:
             except ImportError:
                 raise LapoError("procgen is not installed: pip install -r requirements.txt") from None
         self.env = ProcgenEnv(num_envs=num_envs, env_name=game, distribution_mode="easy",
-                              num_levels=0, start_level=0, rand_seed=int(seed))
+                              num_levels=0, start_level=0, rand_seed=int(seed) % 2**31)
         self.num_envs, self.ret = num_envs, np.zeros(num_envs, np.float64)
 
     def reset(self):
@@ -445,7 +446,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
     """Load <folder>/<split>/<i>.npz into a FrameData, memory ~ raw frame bytes (rank r: chunks r, r + ranks, ...)"""
     listed = chunk_paths(folder, split, max_chunks)[rank::ranks]
     d = os.path.dirname(listed[0])
-    paths, sizes, labeled, has_done = [], [], [], False
+    paths, sizes, labeled, dones = [], [], [], []
     for p in listed:
         try:  # every array's .npy header, checked against obs before any frame is read
             with zipfile.ZipFile(p) as z:
@@ -454,7 +455,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
                     if key == "obs" or f"{key}.npy" in z.namelist():
                         f, *head[key] = _npz_member(z, key)
                         f.close()
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError) as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}: {e}); delete it or re-run collect")
         shape, fortran, dtype = head["obs"]
         if len(shape) != 4 or shape[1:] != (64, 64, 3) or dtype != np.uint8 or fortran:
@@ -467,7 +468,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
             print(f"note: {p} holds no frames; skipped", flush=True)
             continue
         labeled.append("ta" in head)
-        has_done |= "done" in head
+        dones.append("done" in head)
         paths.append(p)
         sizes.append(shape[0])
     if not paths:
@@ -476,9 +477,9 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
     if any(labeled) and not has_ta:
         print(f"note: only {sum(labeled)} of {len(labeled)} chunks in {d} have actions 'ta'; the split is used "
               "without labels", flush=True)
-    if not has_done:
-        print(f"note: {d} has no 'done' arrays: episode ends are unknown, so windows may cross them "
-              "(only chunk ends are respected)", flush=True)
+    if not all(dones):
+        print(f"note: {len(dones) - sum(dones)} of {len(dones)} chunks in {d} have no 'done' arrays: their episode "
+              "ends are unknown, so windows may cross them (only chunk ends are respected)", flush=True)
     n = sum(sizes)
     obs = np.empty((n, 64, 64, 3), np.uint8)  # one allocation; each chunk's bytes are streamed into it
     done = np.zeros(n, bool)
@@ -498,7 +499,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
                     done[o:o + s] = z["done"]
                 if ta is not None:
                     ta[o:o + s] = z["ta"]
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError) as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}); delete it or re-run collect")
         o += s
         ends.append(o - 1)
@@ -935,7 +936,7 @@ def stage1_test_windows(args, test_data):
     g = torch.Generator().manual_seed(12345)
     eval_c, centres = test_data.sample(args.eval_windows, g), test_data.centres
     probe_c = centres[torch.randperm(len(centres), generator=g)[:args.probe_windows].to(centres.device)]
-    return eval_c, probe_c if test_data.ta is not None else None
+    return eval_c, probe_c if test_data.ta is not None and len(probe_c) >= 4 else None
 
 def stage1_lr_fn(steps):
     """Stage 1's LR multiplier (the authors'): warm-up 0.1x -> 1x over 50 steps, then linear to 0.01x at the end."""
@@ -1108,7 +1109,10 @@ def labeled_centres(data, n, seed):
 
 def stage3_game(ck1, args):
     """The game stage 3's policies are evaluated on: stage 1's data folder's name, or --env."""
-    game = ck1["config"].get("game") or args.env
+    game = ck1["config"].get("game")
+    if game and args.env and args.env != game:
+        raise LapoError(f"--env {args.env} contradicts stage 1's data ({game}): drop --env, or train stage 1 on it")
+    game = game or args.env
     if game is None:
         raise LapoError("the stage-1 data folder is not named after a Procgen game; pass --env GAME")
     check_game(game)
@@ -1271,11 +1275,9 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         agent.train()
         b_enc, b_act, b_logp = torch.cat(enc_buf), act_buf.reshape(-1).long(), logp_buf.reshape(-1)
         b_adv, b_ret, b_val = adv.reshape(-1), ret.reshape(-1), val_buf.reshape(-1)
-        mb, clip, stats = T * E // args.num_minibatches, args.clip_coef, []
-        for _ in range(args.update_epochs):
-            perm = torch.randperm(T * E, device=device)
-            for i in range(0, T * E, mb):
-                idx = perm[i:i + mb]
+        clip, stats = args.clip_coef, []
+        for _ in range(args.update_epochs):  # exactly --num-minibatches minibatches, of >= 2 samples each (checked)
+            for idx in torch.randperm(T * E, device=device).tensor_split(args.num_minibatches):
                 with autocast(device, amp):
                     logits, value = agent.heads(b_enc[idx])
                 loss, pg_loss, v_loss, entropy = ppo_loss(logits, value, b_act[idx], b_logp[idx], b_adv[idx],

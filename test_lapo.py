@@ -22,6 +22,7 @@ import sys
 import time
 import types
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -280,6 +281,14 @@ def write_chunk(path, n, with_ta=True, seed=0):
     return arrays
 
 
+def test_a_probe_needs_two_labeled_windows_per_half():
+    obs, done, ta = moving_square_video(8, seed=0)  # 6 windows, then 3: the probe is kept, then left out
+    args = lapo.parse_args(["stage1", "--preset", "tiny", "--data", "unused"])
+    for n, kept in ((8, True), (5, False)):
+        probe_c = lapo.stage1_test_windows(args, lapo.FrameData(obs[:n], np.zeros(n, bool), ta[:n]))[1]
+        assert (probe_c is not None) == kept
+
+
 def test_load_split_is_one_contiguous_uint8_array(tmp_path, capsys):
     a = write_chunk(str(tmp_path / "g/train/0.npz"), 100, seed=0)
     b = write_chunk(str(tmp_path / "g/train/1.npz"), 60, seed=1)
@@ -305,6 +314,17 @@ def test_bad_data_gives_one_line_errors(tmp_path):
     (tmp_path / "bad/train/0.npz").write_bytes(b"not a zip file")
     with pytest.raises(lapo.LapoError, match="corrupt"):
         lapo.load_split(str(tmp_path / "bad"), "train")
+    os.makedirs(tmp_path / "deflate/train")  # np.savez_compressed, its obs stream damaged: zlib's error, not zip's
+    np.savez_compressed(tmp_path / "deflate/train/0.npz", obs=np.zeros((4, 64, 64, 3), np.uint8))
+    with zipfile.ZipFile(tmp_path / "deflate/train/0.npz") as z:
+        info = z.getinfo("obs.npy")
+    raw = bytearray((tmp_path / "deflate/train/0.npz").read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    raw[start] = 0xFF  # the first deflate block's type: 11, which does not exist
+    (tmp_path / "deflate/train/0.npz").write_bytes(bytes(raw))
+    with pytest.raises(lapo.LapoError, match="corrupt"):
+        lapo.load_split(str(tmp_path / "deflate"), "train")
     os.makedirs(tmp_path / "shape/train")
     np.savez(tmp_path / "shape/train/0.npz", obs=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(lapo.LapoError, match=r"\(N, 64, 64, 3\)"):
@@ -1169,6 +1189,15 @@ def ppo_run(out, monkeypatch, *extra, crash_after=None, on_reset=None):
     return agent, curve, state, calls
 
 
+def test_ppo_minibatches_of_an_uneven_rollout_and_seeds_past_procgens_range(tmp_path, monkeypatch):
+    """33 frames in 4 minibatches are 9, 8, 8, 8 samples (a fifth of 1 sample would normalize its advantages by a NaN
+    std and turn every weight NaN); a seed whose evaluation offset passes 2**31 wraps instead of failing procgen."""
+    agent = ppo_run(tmp_path, monkeypatch, "--num-envs", "3", "--num-steps", "11", "--num-minibatches", "4",
+                    "--frames", "66")[0]
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+    assert lapo.Envs("bigfish", 1, lapo.SEED.bounds[2] + 20_000).reset().shape == (1, 64, 64, 3)
+
+
 def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_change(tmp_path, monkeypatch):
     """What PPO's resume promises: the model, the optimizer, the reward normalizer, the learning curve and the extra
     state come back exactly as saved, and the run continues at the saved update and ends with the whole curve.
@@ -1350,6 +1379,9 @@ def test_stage3_checks_the_game_before_writing_anything(stage1_run, tmp_path):
             args.func(args)
         assert sorted(os.listdir(out)) == before
     assert "move this sweep's decoded_*.pt" in offline.on_interrupt and "--resume" not in offline.on_interrupt
+    with pytest.raises(lapo.LapoError, match="--env starpilot contradicts stage 1's data \\(bigfish\\)"):
+        lapo.stage3_game({"config": {"game": "bigfish"}}, argparse.Namespace(env="starpilot"))
+    assert lapo.stage3_game({"config": {"game": "bigfish"}}, argparse.Namespace(env="bigfish")) == "bigfish"
 
 
 def test_pipeline_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
@@ -2062,6 +2094,9 @@ def test_data_without_done_is_announced(tmp_path, capsys):
     np.savez(tmp_path / "g/train/0.npz", obs=obs)  # obs only: episode ends unknown
     data = lapo.load_split(str(tmp_path / "g"), "train")
     assert "no 'done' arrays" in capsys.readouterr().out and len(data.centres) == 254  # only the chunk's ends
+    np.savez(tmp_path / "g/train/1.npz", obs=obs, done=np.zeros(256, bool))  # one chunk with done, one without
+    lapo.load_split(str(tmp_path / "g"), "train")
+    assert "1 of 2 chunks" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- several ranks (DDP)
