@@ -124,6 +124,7 @@ def report(a):
             if not name.startswith("sup-"):  # what differs early between good and bad runs, and z's use at the end
                 z = z_reliance(os.path.join(a.runs, name), lapo.build_fdm, test)
                 runs[name].update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
+                                  **{f"gn{s}": at(rows, "grad_norm", s) for s in (250, 500, 3000)},
                                   fdm=at(rows, "fdm_loss", 3000), z=z,
                                   codes=code_usage(os.path.join(a.runs, name), test))
     sup = [r["probe_acc"] for n, r in runs.items() if n.startswith("sup-")]
@@ -132,8 +133,9 @@ def report(a):
     ceiling = float(np.mean(sup))
     print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}\n")
     print("| run | probe | majority | share of ceiling above majority | found | probe at each eval | perplexity at "
-          "250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | codes used per slot |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "250 / 500 / 3000 | grad norm at 250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | "
+          "codes used per slot |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     found, hit = {}, {}
     for name, r in runs.items():
         if name.startswith("sup-"):
@@ -143,7 +145,8 @@ def report(a):
         hit[name] = share >= 0.8
         print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
               f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
-              f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
+              f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | "
+              f"{' / '.join(f'{r[k]:.4f}' for k in ('gn250', 'gn500', 'gn3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
               f"{' '.join(map(str, r['codes']))} |")
     for amp, f in found.items():
         probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
