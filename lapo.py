@@ -442,6 +442,8 @@ def data_game(folder):
     game = os.path.basename(os.path.normpath(folder))
     return game if game in GAMES else None
 
+CORRUPT = (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError)  # what a damaged .npz raises
+
 def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
     """Load <folder>/<split>/<i>.npz into a FrameData, memory ~ raw frame bytes (rank r: chunks r, r + ranks, ...)"""
     listed = chunk_paths(folder, split, max_chunks)[rank::ranks]
@@ -455,7 +457,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
                     if key == "obs" or f"{key}.npy" in z.namelist():
                         f, *head[key] = _npz_member(z, key)
                         f.close()
-        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError) as e:
+        except CORRUPT as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}: {e}); delete it or re-run collect")
         shape, fortran, dtype = head["obs"]
         if len(shape) != 4 or shape[1:] != (64, 64, 3) or dtype != np.uint8 or fortran:
@@ -499,7 +501,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
                     done[o:o + s] = z["done"]
                 if ta is not None:
                     ta[o:o + s] = z["ta"]
-        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError) as e:
+        except CORRUPT as e:
             raise LapoError(f"corrupt chunk {p} ({type(e).__name__}); delete it or re-run collect")
         o += s
         ends.append(o - 1)

@@ -136,33 +136,32 @@ def report(a):
           "250 / 500 / 3000 | grad norm at 250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | "
           "codes used per slot |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    found, hit = {}, {}
+    hit = {}
     for name, r in runs.items():
         if name.startswith("sup-"):
             continue
         share = (r["probe_acc"] - r["probe_majority"]) / (ceiling - r["probe_majority"])
-        found.setdefault(name.split("-")[0], []).append(share >= 0.8)
         hit[name] = share >= 0.8
         print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
               f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
               f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | "
               f"{' / '.join(f'{r[k]:.4f}' for k in ('gn250', 'gn500', 'gn3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
               f"{' '.join(map(str, r['codes']))} |")
-    for amp, f in found.items():
-        probes = [r["probe_acc"] for n, r in runs.items() if n.startswith(amp + "-")]
-        print(f"\n{amp}: {sum(f)} of {len(f)} runs find the action; probe {fmt_stats(probes)}, "
-              f"min {min(probes):.3f}, max {max(probes):.3f}")
-        plain = {n: "off-" + n.rsplit("-", 1)[1] for n in runs if n.startswith(amp + "-")}  # same seed, plain fp32
-        pairs = [runs[n]["probe_acc"] - runs[o]["probe_acc"] for n, o in plain.items() if o in runs]
-        if amp != "off" and pairs:  # a knob or another precision against plain fp32 on the same seeds
-            print(f"  paired with off (same seed, {len(pairs)} seeds): {fmt_stats(pairs)}, min {min(pairs):+.3f}")
-            both = [(n, o) for n, o in plain.items() if o in runs]
+    for group in dict.fromkeys(n.rsplit("-", 1)[0] for n in hit):  # off, count1_off, ...: each with its seeds
+        names = [n for n in hit if n.rsplit("-", 1)[0] == group]
+        probes = [runs[n]["probe_acc"] for n in names]
+        print(f"\n{group}: {sum(hit[n] for n in names)} of {len(names)} runs find the action; probe "
+              f"{fmt_stats(probes)}, min {min(probes):.3f}, max {max(probes):.3f}")
+        both = [(n, "off-" + n.rsplit("-", 1)[1]) for n in names]  # the same seed, plain fp32
+        both = [(n, o) for n, o in both if o in runs]
+        if group != "off" and both:  # a knob or another precision against plain fp32 on the same seeds
+            pairs = [runs[n]["probe_acc"] - runs[o]["probe_acc"] for n, o in both]
             m, k = sum(hit[n] for n, _ in both), sum(hit[o] for _, o in both)
             ok = m - k >= RULE_GAIN * len(pairs) / 8 and np.mean(pairs) >= 0 and len(pairs) >= 8
+            print(f"  paired with off (same seed, {len(pairs)} seeds): {fmt_stats(pairs)}, min {min(pairs):+.3f}")
             print(f"  rule (issue 34, decided before the runs): on the same seeds {m} of {len(pairs)} found against "
                   f"{k} of {len(pairs)}; passes on this video when >= {RULE_GAIN} more of 8 find it and the paired "
                   f"mean is >= 0, over >= 8 seeds: {'yes' if ok else 'no' if len(pairs) >= 8 else 'not yet'}")
-
 
 def main():
     ap = argparse.ArgumentParser()
