@@ -4,7 +4,8 @@ steps, and the supervised IDM's ceiling on the same data and budget.
     python results/scripts/stage1_share.py sprite DATA_ROOT                   # DATA_ROOT/sprite: action-free video
     python results/scripts/stage1_share.py run DATA_ROOT/GAME RUNS [--seeds 0-7] [--amp off,on] [--flags "..."]
         [--script results/scripts/vq_knobs.py --name restart]               # a knob: RUNS/restart_<amp>-s<seed>
-    python results/scripts/stage1_share.py report DATA_ROOT/GAME RUNS         # every run, and the share found
+    python results/scripts/stage1_share.py report DATA_ROOT/GAME RUNS [--ceiling P] # every run, the share found
+    python results/scripts/stage1_share.py archive DATA_ROOT/GAME RUNS --archive results/s34/GAME  # what to commit
 
 `sprite` writes a synthetic video in lapo's layout (65,536 train and 8,192 test frames, as `small` collects): a
 6x6 sprite that 9 actions (the 8 compass moves of 4 px and noop, drawn uniformly) move over a blocky background
@@ -22,6 +23,7 @@ least 3 more runs of 8 find the action with the change than without, and the pai
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,25 +115,35 @@ def at(rows, key, step):
     return v[-1] if v else None
 
 
+def run_row(folder, test):
+    """A finished run's row: its summary, the probe at each eval, and (from the checkpoint) what differs between good
+    and bad runs. Cached in report_row.json, which `archive` keeps beside the metrics (the checkpoint stays out)."""
+    cache = os.path.join(folder, "report_row.json")
+    if os.path.exists(cache):
+        return json.load(open(cache))
+    rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    curve = [(r["stage1/step"], r["stage1/probe_acc"]) for r in rows if "stage1/probe_acc" in r]
+    row = {**json.load(open(os.path.join(folder, "stage1_summary.json"))), "curve": curve}
+    if not os.path.basename(folder).startswith("sup-"):  # what differs early between good and bad runs, z's use
+        row.update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
+                   **{f"gn{s}": at(rows, "grad_norm", s) for s in (250, 500, 3000)},
+                   fdm=at(rows, "fdm_loss", 3000), z=z_reliance(folder, lapo.build_fdm, test()),
+                   codes=code_usage(folder, test()))
+    lapo.write_json(cache, row)
+    return row
+
+
 def report(a):
-    runs, test = {}, lapo.load_split(a.data, "test")
-    for name in sorted(os.listdir(a.runs)):
-        path = os.path.join(a.runs, name, "stage1_summary.json")
-        if os.path.exists(path):
-            rows = read_metrics(os.path.join(a.runs, name, "metrics.jsonl"))
-            curve = [(r["stage1/step"], r["stage1/probe_acc"]) for r in rows if "stage1/probe_acc" in r]
-            runs[name] = {**json.load(open(path)), "curve": curve}
-            if not name.startswith("sup-"):  # what differs early between good and bad runs, and z's use at the end
-                z = z_reliance(os.path.join(a.runs, name), lapo.build_fdm, test)
-                runs[name].update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
-                                  **{f"gn{s}": at(rows, "grad_norm", s) for s in (250, 500, 3000)},
-                                  fdm=at(rows, "fdm_loss", 3000), z=z,
-                                  codes=code_usage(os.path.join(a.runs, name), test))
+    split = {}
+    test = lambda: split.setdefault("test", lapo.load_split(a.data, "test"))  # noqa: E731 (only for new rows)
+    runs = {name: run_row(os.path.join(a.runs, name), test) for name in sorted(os.listdir(a.runs))
+            if os.path.exists(os.path.join(a.runs, name, "stage1_summary.json"))}
     sup = [r["probe_acc"] for n, r in runs.items() if n.startswith("sup-")]
-    if not sup:
-        return print("no supervised run finished yet")
-    ceiling = float(np.mean(sup))
-    print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}\n")
+    if not sup and a.ceiling is None:
+        return print("no supervised run finished yet (or give --ceiling, a supervised probe measured elsewhere)")
+    ceiling = float(np.mean(sup)) if sup else a.ceiling
+    print(f"{a.data}: supervised IDM probe {fmt_stats(sup)} (n={len(sup)}), the ceiling {ceiling:.3f}"
+          f"{'' if sup else ' (--ceiling)'}\n")
     print("| run | probe | majority | share of ceiling above majority | found | probe at each eval | perplexity at "
           "250 / 500 / 3000 | grad norm at 250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | "
           "codes used per slot |")
@@ -163,9 +175,20 @@ def report(a):
                   f"{k} of {len(pairs)}; passes on this video when >= {RULE_GAIN} more of 8 find it and the paired "
                   f"mean is >= 0, over >= 8 seeds: {'yes' if ok else 'no' if len(pairs) >= 8 else 'not yet'}")
 
+def archive(a):
+    """Keep every finished run's summary, metrics and report row (not its checkpoint) in a folder to commit."""
+    for name in sorted(os.listdir(a.runs)):
+        src, dst = os.path.join(a.runs, name), os.path.join(a.archive, name)
+        if os.path.exists(os.path.join(src, "report_row.json")):
+            os.makedirs(dst, exist_ok=True)
+            for f in ("stage1_summary.json", "metrics.jsonl", "report_row.json"):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+            print(f"archived {dst}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("sprite", "run", "report"))
+    ap.add_argument("what", choices=("sprite", "run", "report", "archive"))
     ap.add_argument("data")
     ap.add_argument("runs", nargs="?")
     ap.add_argument("--seeds", type=seeds, default=seeds("0-7"))
@@ -176,12 +199,16 @@ def main():
                     "a fork's, e.g. results/scripts/vq_knobs.py)")
     ap.add_argument("--name", default="", help="the runs' name: RUNS/<name>_<amp>-s<seed> (default: "
                     "RUNS/<amp>-s<seed>)")
+    ap.add_argument("--ceiling", type=float, help="report: the supervised probe, where no sup-s<seed> run is in RUNS")
+    ap.add_argument("--archive", help="archive: the folder that keeps each reported run's summary, metrics and row")
     a = ap.parse_args()
     if a.what == "sprite":
         return write_sprite(a.data)
     if a.runs is None:
         ap.error(f"{a.what} needs RUNS")
-    return run(a) if a.what == "run" else report(a)
+    if a.what == "archive" and a.archive is None:
+        ap.error("archive needs --archive FOLDER")
+    return {"run": run, "report": report, "archive": archive}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ lower).
     python results/scripts/vq_knobs.py stage1 --vq-restart 0.1 [lapo's stage-1 flags]
     python results/scripts/vq_knobs.py stage1 --vq-count-init 1 [...]
     python results/scripts/vq_knobs.py stage1 --vq-data-init 1 [...]
+    python results/scripts/vq_knobs.py stage1 --log-spread 1 [...]      # plain stage 1, the latents' spread logged
 
 What a half-found run looks like (sprite video, `small`, seed 0, fp32: probe 0.65 against the supervised 0.91): its
 probe confuses actions in pairs that are not neighbours in the plane, and 6 of its 8 code slots use 1-3 of their 64
@@ -26,6 +27,7 @@ divided by a tiny count and leaves), and a code that serves two actions has no w
 
 The knobs draw from torch's global stream (in lapo's checkpoint: exact resume holds). One process only (no torchrun).
 """
+import json
 import os
 import sys
 
@@ -34,7 +36,17 @@ import torch  # noqa: E402
 
 import lapo  # noqa: E402
 
-KNOBS = {"vq_restart": 0.0, "vq_count_init": 0.0, "vq_data_init": 0}
+KNOBS = {"vq_restart": 0.0, "vq_count_init": 0.0, "vq_data_init": 0, "spread_log": None}
+
+
+def log_spread(z, per, dim):
+    """Append the within-slot spread of this training batch's latents (RMS distance of a slot's vectors from their
+    batch mean, averaged over the 8 slots) to spread.jsonl: the early sign of a run that finds the action."""
+    v = z.detach().float().view(z.shape[0], -1, dim)
+    spread = (v - v.mean(0)).pow(2).sum(-1).mean(0).sqrt().mean().item()
+    KNOBS["calls"] = KNOBS.get("calls", 0) + 1  # a training step's call (evaluations run in eval mode)
+    with open(KNOBS["spread_log"], "a") as f:
+        f.write(json.dumps({"call": KNOBS["calls"], "pid": os.getpid(), "spread": spread}) + "\n")
 
 
 class KnobVQ(lapo.VectorQuantizer):
@@ -46,6 +58,8 @@ class KnobVQ(lapo.VectorQuantizer):
             self.embed_sum.mul_(count)
 
     def forward(self, z):
+        if KNOBS["spread_log"] and self.training:
+            log_spread(z, self.per, self.D)
         # untouched counts (no EMA update yet: neither a resumed run nor an evaluation) -> codes from this batch
         if KNOBS["vq_data_init"] and self.training and bool((self.cluster_size == self.cluster_size[0, 0]).all()):
             with torch.no_grad():
@@ -74,6 +88,8 @@ def add_flags():
     lapo.flag("--vq-count-init", "stage1", lapo.num(float, 0, 1000), 0.0, "initial EMA code counts (0: the authors')")
     lapo.flag("--vq-data-init", "stage1", lapo.num(int, 0, 1), 0, "1: codes start at latents of the first batch "
               "(counts 1); 0: uniform +-5/64, the authors'")
+    lapo.flag("--log-spread", "stage1", lapo.num(int, 0, 1), 0, "1: write each training step's within-slot latent "
+              "spread to OUT/spread.jsonl (changes no computation)")
 
 
 def stage1(args, train=None, test=None):
@@ -82,7 +98,8 @@ def stage1(args, train=None, test=None):
     per = args.latent_dim // args.code_dim // args.num_codebooks  # a sample's vectors per codebook
     if args.vq_data_init and args.batch_size * per < args.codebook_size:
         raise lapo.LapoError(f"--vq-data-init needs --batch-size x {per} >= --codebook-size {args.codebook_size}")
-    KNOBS.update(vq_restart=args.vq_restart, vq_count_init=args.vq_count_init, vq_data_init=args.vq_data_init)
+    KNOBS.update(vq_restart=args.vq_restart, vq_count_init=args.vq_count_init, vq_data_init=args.vq_data_init,
+                 spread_log=os.path.join(args.out, "spread.jsonl") if args.log_spread else None)
     return lapo.stage1(args, train, test)
 
 
