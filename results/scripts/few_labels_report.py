@@ -2,11 +2,12 @@
 
     python results/scripts/few_labels_report.py RUNS [--labels 64,256,1024]
 
-RUNS holds <name>-s<seed> run folders: off-s* (plain `lapo.py stage1`, fp32), fork<N>-s* (the fork with N stage-1
-labels), sup-s* (tools/diagnose.py supervised-idm, the ceiling). Prints per seed and as mean ± SE: stage 1's probe,
-the fork's paired difference from plain stage 1 (same seed), and, where `lapo.py stage2` and `stage3 --mode offline`
-ran in a folder, the offline decoder's held-out accuracy and return at N labels: plain LAPO decoding with N labels
-against the fork decoding with the same N windows it saw in stage 1 (equal total labels).
+RUNS holds <name>-s<seed> run folders: off-s* (plain `lapo.py stage1`, fp32), fork<N>_off-s* (the fork with N
+stage-1 labels, fp32: `stage1_share.py run ... --name fork<N>`), sup-s* (tools/diagnose.py supervised-idm, the
+ceiling). Prints per seed and as mean ± SE: stage 1's probe, the fork's paired difference from plain stage 1 (same
+seed), and, where `lapo.py stage2` and `stage3 --mode offline` ran in a folder, the offline decoder's held-out
+accuracy and return at N labels: plain LAPO decoding with N labels against the fork decoding with the same N windows
+it saw in stage 1 (equal total labels).
 """
 import argparse
 import json
@@ -54,7 +55,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for n in map(int, a.labels.split(",")):
         plain = [offline(a.runs, "off", s, n) for s in seeds]
-        fork = [offline(a.runs, f"fork{n}", s, n) for s in seeds]
+        fork = [offline(a.runs, f"fork{n}_off", s, n) for s in seeds]
         ok = [i for i in range(len(seeds)) if plain[i][0] is not None and fork[i][0] is not None]
         if not ok:
             continue

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issues 34 and 36: every run still to do, in priority order, one at a time (a `small` stage-1 run takes 14-26 minutes
+# on 2 cores). Each job skips what is finished and resumes what was interrupted, so rerun the same command after a
+# session ends. After each stage-1 job the report rows go to results/s34/<video>/ (commit them: run folders outside
+# the repository did not survive between sessions).
+#
+#   bash results/scripts/next_runs.sh ROOT        # ROOT: data and run folders, e.g. /work/exp
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=${1:?usage: next_runs.sh ROOT}
+D=$ROOT/s34/data
+share() { python results/scripts/stage1_share.py "$@"; }
+keep() {  # report (caches each new run's row) and archive the rows into the repository
+  share report "$D/$1" "$ROOT/s34/$1" --ceiling "$2" > "$ROOT/s34/$1.report.md" && cat "$ROOT/s34/$1.report.md" | tail -8
+  share archive "$D/$1" "$ROOT/s34/$1" --archive "results/s34/$1" > /dev/null
+}
+bf16=$(python -c "import torch, lapo; print(int(lapo.bf16_fast(torch.device('cpu'))))")
+spread=(--script results/scripts/vq_knobs.py --flags "--log-spread 1")  # plain stage 1, bit-identical, spread logged
+
+# issue 34, sprite: bf16 belongs on hosts with bf16 units (AVX-512 BF16, AMX); fp32 anywhere; the ceiling runs last
+[ -d "$D/sprite" ] || share sprite "$D"
+if [ "$bf16" = 1 ]; then for s in 0 1 2 3 4 5 6 7; do
+  share run "$D/sprite" "$ROOT/s34/sprite" --seeds $s --amp on --no-sup "${spread[@]}"; keep sprite 0.908; done; fi
+for s in 5 6 7 0 1 2 3 4; do share run "$D/sprite" "$ROOT/s34/sprite" --seeds $s --amp off --no-sup "${spread[@]}"
+  keep sprite 0.908; done
+
+# issue 34 and 36, starpilot: the expert (24 min with bf16 units), its data, the ceiling, plain stage 1
+[ -f "$ROOT/s34/expert/expert_summary.json" ] || python lapo.py expert --preset small --env starpilot \
+  --out "$ROOT/s34/expert" $([ -f "$ROOT/s34/expert/expert.pt" ] && echo --resume)
+[ -f "$D/starpilot/collect_summary.json" ] || python lapo.py collect --preset small --env starpilot \
+  --policy "$ROOT/s34/expert/expert.pt" --out "$D"
+share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp off "${spread[@]}"
+for s in 1 2; do share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"; done
+keep starpilot 0.516
+
+# issue 36: the fork at 1,024, 256 and 64 labels (seeds 0-2), then stages 2 and 3 at equal labels
+for n in 1024 256 64; do for s in 0 1 2; do
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup --script examples/few_labels.py \
+    --flags "--stage1-labels $n" --name "fork$n"; done; done
+for s in 0 1 2; do for n in 64,256,1024 1024 256 64; do
+  run=fork${n}_off-s$s; [ "$n" = 64,256,1024 ] && run=off-s$s; dir=$ROOT/s34/starpilot/$run
+  [ -f "$dir/stage2_summary.json" ] || python lapo.py stage2 --preset small --data "$D/starpilot" --out "$dir" \
+    $([ -f "$dir/stage2.pt" ] && echo --resume)
+  [ -f "$dir/stage3_offline_summary.json" ] || python lapo.py stage3 --mode offline --preset small \
+    --data "$D/starpilot" --out "$dir" --labels $n --eval-episodes 64
+done; done
+python results/scripts/few_labels_report.py "$ROOT/s34/starpilot"
+# then: starpilot seeds 3-7 (fp32, bf16), the knobs; chaser (random-policy data) for issue 36's untouched game
