@@ -115,15 +115,18 @@ def at(rows, key, step):
     return v[-1] if v else None
 
 
-def early_spread(folder):
-    """The latents' mean within-slot spread over steps 1-25, 26-50, ... 476-500 (vq_knobs.py --log-spread 1 writes it
-    per step; a resumed run restarts its count, so only a run's first process is read), or None."""
+def spread_log(folder):
+    """From vq_knobs.py --log-spread 1: the latents' mean within-slot spread over steps 1-25, 26-50, ... 476-500, and
+    the share of the IDM trunk's last ReLU units alive over steps 1-250, 251-500, ... (a resumed run restarts its
+    count, so only a run's first process is read), or (None, None)."""
     path = os.path.join(folder, "spread.jsonl")
     if not os.path.exists(path):
-        return None
+        return None, None
     rows = read_metrics(path)
-    first = [r["spread"] for r in rows if r["pid"] == rows[0]["pid"]][:500]
-    return [float(np.mean(first[i:i + 25])) for i in range(0, len(first) - 24, 25)]
+    rows = [r for r in rows if r["pid"] == rows[0]["pid"]]
+    bins = lambda key, n, end: [float(np.mean([r[key] for r in rows[i:i + n]]))  # noqa: E731
+                                for i in range(0, min(len(rows), end) - n + 1, n) if rows[i].get(key) is not None]
+    return bins("spread", 25, 500), bins("alive", 250, len(rows))
 
 
 def run_row(folder, test):
@@ -139,7 +142,8 @@ def run_row(folder, test):
         row.update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
                    **{f"gn{s}": at(rows, "grad_norm", s) for s in (250, 500, 3000)},
                    fdm=at(rows, "fdm_loss", 3000), z=z_reliance(folder, lapo.build_fdm, test()),
-                   codes=code_usage(folder, test()), spread=early_spread(folder))
+                   codes=code_usage(folder, test()))
+        row["spread"], row["alive"] = spread_log(folder)
     lapo.write_json(cache, row)
     return row
 
@@ -157,8 +161,9 @@ def report(a):
           f"{'' if sup else ' (--ceiling)'}\n")
     print("| run | probe | majority | share of ceiling above majority | found | probe at each eval | perplexity at "
           "250 / 500 / 3000 | grad norm at 250 / 500 / 3000 | train FDM loss | FDM loss, other z / own z | "
-          "codes used per slot | latent spread at steps 1-25 / 101-125 / 226-250 / 476-500 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "codes used per slot | latent spread at steps 1-25 / 101-125 / 226-250 / 476-500 | trunk units alive at "
+          "steps 1-250 / 251-500 / last 250 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     hit = {}
     for name, r in runs.items():
         if name.startswith("sup-"):
@@ -167,11 +172,13 @@ def report(a):
         hit[name] = share >= 0.8
         sp = r.get("spread") or []
         spread = " / ".join(f"{sp[i]:.3f}" for i in (0, 4, 9, 19) if i < len(sp))
+        al = r.get("alive") or []
+        alive = " / ".join(f"{al[i]:.2f}" for i in (0, 1, -1) if len(al) >= 3)
         print(f"| {name} | {r['probe_acc']:.3f} | {r['probe_majority']:.3f} | {share:.2f} | "
               f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
               f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | "
               f"{' / '.join(f'{r[k]:.4f}' for k in ('gn250', 'gn500', 'gn3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
-              f"{' '.join(map(str, r['codes']))} | {spread} |")
+              f"{' '.join(map(str, r['codes']))} | {spread} | {alive} |")
     for group in dict.fromkeys(n.rsplit("-", 1)[0] for n in hit):  # off, count1_off, ...: each with its seeds
         names = [n for n in hit if n.rsplit("-", 1)[0] == group]
         probes = [runs[n]["probe_acc"] for n in names]

@@ -40,13 +40,27 @@ KNOBS = {"vq_restart": 0.0, "vq_count_init": 0.0, "vq_data_init": 0, "spread_log
 
 
 def log_spread(z, per, dim):
-    """Append the within-slot spread of this training batch's latents (RMS distance of a slot's vectors from their
-    batch mean, averaged over the 8 slots) to spread.jsonl: the early sign of a run that finds the action."""
+    """Append this training batch's latent spread (RMS distance of a slot's vectors from their batch mean, averaged
+    over the 8 slots) and the IDM trunk's life (the share of its last ReLU's units positive for some window of the
+    batch; 0: z is one constant vector) to spread.jsonl: what separates runs that find the action from collapsed ones."""
     v = z.detach().float().view(z.shape[0], -1, dim)
     spread = (v - v.mean(0)).pow(2).sum(-1).mean(0).sqrt().mean().item()
     KNOBS["calls"] = KNOBS.get("calls", 0) + 1  # a training step's call (evaluations run in eval mode)
     with open(KNOBS["spread_log"], "a") as f:
-        f.write(json.dumps({"call": KNOBS["calls"], "pid": os.getpid(), "spread": spread}) + "\n")
+        f.write(json.dumps({"call": KNOBS["calls"], "pid": os.getpid(), "spread": spread,
+                            "alive": KNOBS.get("alive")}) + "\n")
+
+
+def trunk_hook(module, inputs, out):  # on the IDM trunk's flattened output, before its last ReLU
+    if module.training:
+        KNOBS["alive"] = (out > 0).any(0).float().mean().item()
+
+
+def build_idm(cfg):
+    idm = BUILD_IDM(cfg)
+    if KNOBS["spread_log"]:
+        idm.encoder.conv[-2].register_forward_hook(trunk_hook)
+    return idm
 
 
 class KnobVQ(lapo.VectorQuantizer):
@@ -104,6 +118,7 @@ def stage1(args, train=None, test=None):
 
 
 lapo.VectorQuantizer = KnobVQ  # IDM builds its VQ from lapo's namespace
+BUILD_IDM, lapo.build_idm = lapo.build_idm, build_idm
 
 if __name__ == "__main__":
     add_flags()
