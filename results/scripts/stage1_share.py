@@ -109,6 +109,17 @@ def code_usage(run, test):
     return [torch.unique(codes[:, k]).numel() for k in range(codes.shape[1])]
 
 
+def trunk_alive(run, test):
+    """The share of the IDM trunk's last ReLU units (before its fc layer) positive for some of 512 test windows: 0.0
+    means z is one constant vector, whatever the frames (a dead trunk: the collapsed runs)."""
+    idm = lapo.load_stage1(run, "cpu")[0]
+    out = []
+    idm.encoder.conv[-2].register_forward_hook(lambda m, i, o: out.append(o))
+    with torch.no_grad():
+        idm(test.windows(test.sample(512, torch.Generator().manual_seed(0)), "cpu"))
+    return (out[0] > 0).any(0).float().mean().item()
+
+
 def at(rows, key, step):
     """The logged value of stage1/<key> at the last logged step <= step (None if none)."""
     v = [r[f"stage1/{key}"] for r in rows if f"stage1/{key}" in r and r["stage1/step"] <= step]
@@ -142,7 +153,7 @@ def run_row(folder, test):
         row.update({f"ppl{s}": at(rows, "perplexity", s) for s in (250, 500, 3000)},
                    **{f"gn{s}": at(rows, "grad_norm", s) for s in (250, 500, 3000)},
                    fdm=at(rows, "fdm_loss", 3000), z=z_reliance(folder, lapo.build_fdm, test()),
-                   codes=code_usage(folder, test()))
+                   codes=code_usage(folder, test()), trunk=trunk_alive(folder, test()))
         row["spread"], row["alive"] = spread_log(folder)
     lapo.write_json(cache, row)
     return row
@@ -178,7 +189,7 @@ def report(a):
               f"{'yes' if share >= 0.8 else 'no'} | {' '.join(f'{p:.2f}' for _, p in r['curve'])} | "
               f"{' / '.join(f'{r[k]:.1f}' for k in ('ppl250', 'ppl500', 'ppl3000'))} | "
               f"{' / '.join(f'{r[k]:.4f}' for k in ('gn250', 'gn500', 'gn3000'))} | {r['fdm']:.5f} | {r['z']:.3f} | "
-              f"{' '.join(map(str, r['codes']))} | {spread} | {alive} |")
+              f"{' '.join(map(str, r['codes']))} | {spread} | {alive} | {r['trunk']:.2f} |")
     for group in dict.fromkeys(n.rsplit("-", 1)[0] for n in hit):  # off, count1_off, ...: each with its seeds
         names = [n for n in hit if n.rsplit("-", 1)[0] == group]
         probes = [runs[n]["probe_acc"] for n in names]
