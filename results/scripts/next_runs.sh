@@ -11,7 +11,7 @@ ROOT=${1:?usage: next_runs.sh ROOT}
 D=$ROOT/s34/data
 share() { python results/scripts/stage1_share.py "$@"; }
 keep() {  # report (caches each new run's row) and archive the rows into the repository
-  share report "$D/$1" "$ROOT/s34/$1" --ceiling "$2" > "$ROOT/s34/$1.report.md" && cat "$ROOT/s34/$1.report.md" | tail -8
+  share report "$D/$1" "$ROOT/s34/$1" --ceiling "$2" > "$ROOT/s34/$1.report.md" && tail -8 "$ROOT/s34/$1.report.md"
   share archive "$D/$1" "$ROOT/s34/$1" --archive "results/s34/$1" > /dev/null
 }
 bf16=$(python -c "import torch, lapo; print(int(lapo.bf16_fast(torch.device('cpu'))))")

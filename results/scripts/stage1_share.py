@@ -37,6 +37,7 @@ from pipeline import fmt_stats, read_metrics  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdm_ablation import z_reliance  # noqa: E402
+from trunk_life import live_share, trunk  # noqa: E402
 
 RULE_GAIN = 3  # a knob passes on a video when, on the same 8+ seeds, >= 3 more of 8 runs find the action than plain
 MOVES = np.array([[dy, dx] for dy in (-4, 0, 4) for dx in (-4, 0, 4)])  # 9 actions; index 4 is noop
@@ -114,10 +115,10 @@ def trunk_alive(run, test):
     means z is one constant vector, whatever the frames (a dead trunk: the collapsed runs)."""
     idm = lapo.load_stage1(run, "cpu")[0]
     out = []
-    idm.encoder.conv[-2].register_forward_hook(lambda m, i, o: out.append(o))
+    trunk(idm).register_forward_hook(lambda m, i, o: out.append(o))
     with torch.no_grad():
         idm(test.windows(test.sample(512, torch.Generator().manual_seed(0)), "cpu"))
-    return (out[0] > 0).any(0).float().mean().item()
+    return live_share(out[0])
 
 
 def at(rows, key, step):

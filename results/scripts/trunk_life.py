@@ -13,22 +13,26 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import lapo  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--stop", type=int, required=True)
-ap.add_argument("--log", required=True)
-mine, sys.argv[1:] = ap.parse_known_args()
-rec, log, build_stage1 = {}, open(mine.log, "w"), lapo.build_stage1
+
+
+def trunk(idm):
+    """The IDM trunk's flattened output before its last ReLU (the Flatten module): where its life is measured."""
+    return idm.encoder.conv[-2]
+
+
+def live_share(out):
+    """The share of the trunk's units positive for some window of the batch (0.0: z is one constant vector)."""
+    return (out > 0).any(0).float().mean().item()
 
 
 def build(args, train, test, device):
-    modules, opt, lr_fn, train_step, evaluate = build_stage1(args, train, test, device)
+    modules, opt, lr_fn, train_step, evaluate = BUILD_STAGE1(args, train, test, device)
 
     def hook(module, inputs, out):
         if module.training:
-            rec.update(alive=(out > 0).any(0).float().mean().item(), pre_mean=out.mean().item(),
-                       pos_share=(out > 0).float().mean().item())
+            rec.update(alive=live_share(out), pre_mean=out.mean().item(), pos_share=(out > 0).float().mean().item())
 
-    modules["idm"].encoder.conv[-2].register_forward_hook(hook)  # Flatten: the trunk's output before its last ReLU
+    trunk(modules["idm"]).register_forward_hook(hook)
     step = [0]
 
     def logged_step(gen):
@@ -43,5 +47,10 @@ def build(args, train, test, device):
     return modules, opt, lr_fn, logged_step, evaluate
 
 
-lapo.build_stage1 = build
-lapo.main()
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stop", type=int, required=True)
+    ap.add_argument("--log", required=True)
+    mine, sys.argv[1:] = ap.parse_known_args()
+    rec, log, BUILD_STAGE1, lapo.build_stage1 = {}, open(mine.log, "w"), lapo.build_stage1, build
+    lapo.main()

@@ -36,6 +36,9 @@ import torch  # noqa: E402
 
 import lapo  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trunk_life import live_share, trunk  # noqa: E402
+
 KNOBS = {"vq_restart": 0.0, "vq_count_init": 0.0, "vq_data_init": 0, "spread_log": None}
 
 
@@ -51,15 +54,15 @@ def log_spread(z, per, dim):
                             "alive": KNOBS.get("alive")}) + "\n")
 
 
-def trunk_hook(module, inputs, out):  # on the IDM trunk's flattened output, before its last ReLU
+def trunk_hook(module, inputs, out):
     if module.training:
-        KNOBS["alive"] = (out > 0).any(0).float().mean().item()
+        KNOBS["alive"] = live_share(out)
 
 
 def build_idm(cfg):
     idm = BUILD_IDM(cfg)
     if KNOBS["spread_log"]:
-        idm.encoder.conv[-2].register_forward_hook(trunk_hook)
+        trunk(idm).register_forward_hook(trunk_hook)
     return idm
 
 
