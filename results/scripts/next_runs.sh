@@ -24,14 +24,14 @@ if [ "$bf16" = 1 ]; then for s in 0 1 2 3 4 5 6 7; do
 for s in 5 6 7 0 1 2 3 4; do share run "$D/sprite" "$ROOT/s34/sprite" --seeds $s --amp off --no-sup "${spread[@]}"
   keep sprite 0.908; done
 
-# issue 34 and 36, starpilot: the expert (24 min with bf16 units), its data, the ceiling, plain stage 1
+# issue 34 and 36, starpilot: the expert (24 min with bf16 units), its data, the ceiling, plain stage 1 in fp32
 [ -f "$ROOT/s34/expert/expert_summary.json" ] || python lapo.py expert --preset small --env starpilot \
   --out "$ROOT/s34/expert" $([ -f "$ROOT/s34/expert/expert.pt" ] && echo --resume)
 [ -f "$D/starpilot/collect_summary.json" ] || python lapo.py collect --preset small --env starpilot \
   --policy "$ROOT/s34/expert/expert.pt" --out "$D"
 share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp off "${spread[@]}"
-for s in 1 2; do share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"; done
-keep starpilot 0.516
+for s in 1 2 3 4 5 6 7; do share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"
+  keep starpilot 0.516; done
 
 # issue 36: the fork at 1,024, 256 and 64 labels (seeds 0-2), then stages 2 and 3 at equal labels
 for n in 1024 256 64; do for s in 0 1 2; do
@@ -44,5 +44,14 @@ for s in 0 1 2; do for n in 64,256,1024 1024 256 64; do
   [ -f "$dir/stage3_offline_summary.json" ] || python lapo.py stage3 --mode offline --preset small \
     --data "$D/starpilot" --out "$dir" --labels $n --eval-episodes 64
 done; done
-python results/scripts/few_labels_report.py "$ROOT/s34/starpilot"
-# then: starpilot seeds 3-7 (fp32, bf16), the knobs; chaser (random-policy data) for issue 36's untouched game
+python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
+
+# issue 34: bf16 on starpilot (hosts with bf16 units), then the knob the trunk screens point to: the paper's lr
+if [ "$bf16" = 1 ]; then for s in 0 1 2 3 4 5 6 7; do
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp on --no-sup "${spread[@]}"; keep starpilot 0.516
+done; fi
+for s in 0 1 2 3 4 5 6 7; do for v in sprite starpilot; do
+  share run "$D/$v" "$ROOT/s34/$v" --seeds $s --amp off --no-sup --script results/scripts/vq_knobs.py \
+    --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep $v "$([ $v = sprite ] && echo 0.908 || echo 0.516)"
+done; done
+# then: chaser (random-policy data) for issue 36's untouched game
