@@ -106,7 +106,8 @@ flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: 
      choices=PRESETS)
 flag("--seed", ALL, SEED, 0, "seed of everything; same seed on CPU, same result")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
-flag("--amp", ALL, None, P("off", "auto", "off"), "bf16 autocast; auto: on for CUDA and CPUs with bf16 units",
+flag("--amp", ALL, None, "off", "bf16 autocast; auto: on for CUDA and CPUs with bf16 units (small: off, as bf16 "
+     "found the action no more often; results log)",
      choices=("auto", "on", "off"))
 flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
 flag("--out", "stage1 stage2 stage3", None, "runs/lapo", "run folder (checkpoints, metrics.jsonl, summaries)")
