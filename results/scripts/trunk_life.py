@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import lapo  # noqa: E402
 
 
-
 def trunk(idm):
     """The IDM trunk's flattened output before its last ReLU (the Flatten module): where its life is measured."""
     return idm.encoder.conv[-2]
