@@ -24,7 +24,8 @@ if [ "$bf16" = 1 ]; then for s in 0 1 2 3 4 5 6 7; do
 for s in 5 6 7 0 1 2 3 4; do share run "$D/sprite" "$ROOT/s34/sprite" --seeds $s --amp off --no-sup "${spread[@]}"
   keep sprite 0.908; done
 
-# issue 34 and 36, starpilot: the expert (fp32 by default now; 24 min in bf16 on model 17), its data, the ceiling, plain stage 1 in fp32
+# issue 34 and 36, starpilot: the expert (now fp32; 24 min in bf16 on model 17), its data, the ceiling,
+# plain stage 1 in fp32
 [ -f "$ROOT/s34/expert/expert_summary.json" ] || python lapo.py expert --preset small --env starpilot \
   --out "$ROOT/s34/expert" $([ -f "$ROOT/s34/expert/expert.pt" ] && echo --resume)
 [ -f "$D/starpilot/collect_summary.json" ] || python lapo.py collect --preset small --env starpilot \
