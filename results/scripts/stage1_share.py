@@ -96,7 +96,7 @@ def run(a):
         if not a.no_sup:
             train([os.path.join(ROOT, "tools", "diagnose.py"), "supervised-idm"], a.data,
                   os.path.join(a.runs, f"sup-s{seed}"), seed, ["--amp", "off", *a.flags.split()])
-        for amp in a.amp.split(","):
+        for amp in filter(None, a.amp.split(",")):  # --amp "": the supervised IDM alone
             train([os.path.join(ROOT, a.script), "stage1"], a.data, os.path.join(a.runs, f"{prefix}{amp}-s{seed}"),
                   seed, ["--amp", amp, *a.flags.split()])
 
