@@ -107,8 +107,7 @@ flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: 
 flag("--seed", ALL, SEED, 0, "seed of everything; same seed on CPU, same result")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
 flag("--amp", ALL, None, "off", "bf16 autocast; auto: on for CUDA and CPUs with bf16 units (small: off, as bf16 "
-     "found the action no more often; results log)",
-     choices=("auto", "on", "off"))
+     "found the action no more often; results log)", choices=("auto", "on", "off"))
 flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
 flag("--out", "stage1 stage2 stage3", None, "runs/lapo", "run folder (checkpoints, metrics.jsonl, summaries)")
 flag("--out", "expert", None, "runs/expert", "run folder")
@@ -146,8 +145,7 @@ flag("--commit-weight", "stage1", NONNEG_F, 0.05, "commitment loss weight")
 flag("--no-vq", "stage1", None, True, "ablation: no VQ bottleneck", action="store_false", dest="vq")
 flag("--fdm-width", "stage1", num(int, 2), P(24, 8, 4), "U-Net base width")
 flag("--fdm-residual", "stage1", int, P(0, 1, 1), "1: the FDM predicts o_t + change, not o_{t+1}", **BIT)
-flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (half "
-     "train, half test)")
+flag("--probe-windows", "stage1", num(int, 4), P(4096, 2048, 256), "labeled test windows for the probe (fit on half)")
 # ---- stage 3: offline decoding, online decoding
 flag("--mode", "stage3", None, None, "offline: decoder from a few labeled frames; online: PPO in the env (RL+SL)",
      choices=("offline", "online"), required=True)
@@ -235,8 +233,7 @@ def preprocess(frames):
     x = frames.float().div_(255.0).sub_(0.5)
     if x.dim() == 5:
         b, k, h, w, c = x.shape
-        x = x.permute(0, 1, 4, 2, 3).reshape(b, k * c, h, w)
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.permute(0, 1, 4, 2, 3).reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
     return x.permute(0, 3, 1, 2)  # a view of NHWC memory, i.e. already channels_last
 
 @torch.no_grad()
@@ -308,8 +305,7 @@ def collect(args):
     random), ep_returns (the return where an episode ended, else NaN), done (obs[i+1] does not continue obs[i]'s
     episode: no window may cross it)."""
     check_game(args.env)
-    device = get_device(args)
-    agent = None
+    device, agent = get_device(args), None
     if args.policy != "random":
         agent, meta = load_policy(args.policy, device)
         if meta.get("game") not in (None, args.env):
@@ -382,8 +378,7 @@ class FrameData:
         self.obs = torch.from_numpy(obs) if isinstance(obs, np.ndarray) else obs
         self.name, self.game, self.identity, n = name, game, identity, len(obs)
         brk = np.asarray(done, bool).copy()
-        brk[list(chunk_ends)] = True
-        brk[-1] = True
+        brk[list(chunk_ends) + [-1]] = True  # chunk ends and the last frame end windows too
         ok, self.breaks = np.zeros(n, bool), brk  # breaks[i]: obs[i + 1] does not continue obs[i]
         ok[1:-1] = ~brk[:-2] & ~brk[1:-1]  # o_{t-1}->o_t and o_t->o_{t+1} are both real transitions
         self.centres = torch.from_numpy(np.flatnonzero(ok))
@@ -449,7 +444,7 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
     """Load <folder>/<split>/<i>.npz into a FrameData, memory ~ raw frame bytes (rank r: chunks r, r + ranks, ...)"""
     listed = chunk_paths(folder, split, max_chunks)[rank::ranks]
     d = os.path.dirname(listed[0])
-    paths, sizes, labeled, dones = [], [], [], []
+    kept = []  # (path, frames, has actions, has done) of every chunk that holds frames
     for p in listed:
         try:  # every array's .npy header, checked against obs before any frame is read
             with zipfile.ZipFile(p) as z:
@@ -470,12 +465,10 @@ def load_split(folder, split, max_chunks=None, rank=0, ranks=1):
         if shape[0] == 0:
             print(f"note: {p} holds no frames; skipped", flush=True)
             continue
-        labeled.append("ta" in head)
-        dones.append("done" in head)
-        paths.append(p)
-        sizes.append(shape[0])
-    if not paths:
+        kept.append((p, shape[0], "ta" in head, "done" in head))
+    if not kept:
         raise LapoError(f"the chunks in {d} hold no frames")
+    paths, sizes, labeled, dones = zip(*kept)
     has_ta = all(labeled)
     if any(labeled) and not has_ta:
         print(f"note: only {sum(labeled)} of {len(labeled)} chunks in {d} have actions 'ta'; the split is used "
@@ -655,8 +648,7 @@ class FDM(nn.Module):
             self.down[0].conv.bias.copy_(first.bias)
         self.z_in = TiledLatentConv(first.weight[:, 6:])
         self.mid = nn.Conv2d(w[4], 2 * w[4], 2)  # 2x2 -> 1x1, no activation
-        ins, outs = [2 * w[4]] + w[::-1], w[::-1] + [w[0]]
-        skips = [latent_dim] + w[::-1]
+        ins, outs, skips = [2 * w[4]] + w[::-1], w[::-1] + [w[0]], [latent_dim] + w[::-1]
         self.up = nn.ModuleList([UNetBlock(i + s, o, down=False) for i, s, o in zip(ins, skips, outs)])
         self.head = nn.Sequential(nn.Conv2d(w[0] + 6, w[0], 3, padding=1), ResBlock(w[0], w[0] // 2), nn.ReLU(),
                                   nn.Conv2d(w[0], 3, 1))
@@ -686,11 +678,9 @@ class Decoder(nn.Module):
 
     def __init__(self, latent_dim=128, hidden=(192, 128, 64)):
         super().__init__()
-        layers, c = [], latent_dim
-        for h in hidden:
-            layers += [nn.Linear(c, h), nn.ReLU()]
-            c = h
-        self.net = nn.Sequential(*layers, nn.Linear(c, NUM_ACTIONS))
+        sizes = (latent_dim, *hidden)
+        layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], NUM_ACTIONS))
 
     def forward(self, z):
         return self.net(z.float())
@@ -812,9 +802,8 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck
     path, cfg, step, metrics, rank = os.path.join(args.out, f"{stage}.pt"), config_of(args), 0, {}, ddp_world()[0]
     gen = torch.Generator().manual_seed(args.seed + (rank << 32))  # batch sampling stream (each rank's), saved
     ck = resume_checkpoint(path, stage, args) if ck is False else ck
-    prior = 0.0  # seconds trained before this process
+    prior = ck.get("wall_s", 0.0) if ck else 0.0  # seconds trained before this process
     if ck:
-        prior = ck.get("wall_s", 0.0)
         for k, m in modules.items():
             m.load_state_dict(ck[k])
         opt.load_state_dict(ck["opt"])
@@ -830,8 +819,7 @@ def train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, total, ck
         for m in modules.values():
             m.train()
         out = train_step(gen)
-        step += 1
-        n_log += 1
+        step, n_log = step + 1, n_log + 1
         if (step % args.log_every == 0 or step == total) and rank == 0:  # rank 0 alone logs, evaluates and writes
             out = {k: float(v) for k, v in out.items()}  # the only host sync of the inner loop
             now, lr = time.time(), opt.param_groups[0]["lr"]
@@ -1370,10 +1358,9 @@ def stage3_online(args):
     store = {"z": [], "a": []}  # (IDM latent, action taken) pairs of all online transitions so far
 
     def on_update(ctx):
-        if not agent.sl:  # no SL: PPO trains the decoder (from the RL head's ramp on)
-            return {}
-        # ALGO LOGIC (SL): label online transitions with the frozen IDM, retrain the decoder from scratch.
-        if ctx["frames"] > 400_000 * s:
+        # ALGO LOGIC (SL): label online transitions with the frozen IDM, retrain the decoder from scratch (until 400k
+        # frames). Without SL, PPO trains the decoder (from the RL head's ramp on).
+        if not agent.sl or ctx["frames"] > 400_000 * s:
             return {}
         win, act = window_pairs(ctx["obs"], ctx["actions"], ctx["dones"], ctx["prev"])
         if len(act):
@@ -1384,8 +1371,7 @@ def stage3_online(args):
         z, a, seed = torch.cat(store["z"]), torch.cat(store["a"]), args.seed + ctx["update"]
         with seeded(seed):
             dec = Decoder(arch["latent_dim"])
-        epochs3 = 3 * math.ceil(len(a) / 512)  # 3 epochs of batch 512, as the authors
-        fit_decoder(dec, z, a, epochs3, seed)
+        fit_decoder(dec, z, a, 3 * math.ceil(len(a) / 512), seed)  # 3 epochs of batch 512, as the authors'
         agent.decoder.load_state_dict(dec.state_dict())
         return {"decoder_pairs": len(a), "decoder_train_acc": accuracy(dec, z[-4096:], a[-4096:], "cpu")}
 
