@@ -18,10 +18,19 @@ keep() {  # report (caches each new run's row) and archive the rows into the rep
 }
 bf16=$(python -c "import torch, lapo; print(int(lapo.bf16_fast(torch.device('cpu'))))")
 spread=(--script results/scripts/vq_knobs.py --flags "--log-spread 1")  # plain stage 1, bit-identical, spread logged
+decode() {  # issue 36: stages 2 and 3 (offline) on a finished stage-1 run $2 of video $1, at the labels $3, with the
+  # run's seed (the fork's labeled windows are lapo.labeled_centres(train, N, seed): stage 3 at that seed reads them)
+  local dir=$ROOT/s34/$1/$2 seed=${2##*-s}
+  [ -f "$dir/stage2_summary.json" ] || python lapo.py stage2 --preset small --data "$D/$1" --out "$dir" \
+    --seed "$seed" $([ -f "$dir/stage2.pt" ] && echo --resume)
+  [ -f "$dir/stage3_offline_summary.json" ] || python lapo.py stage3 --mode offline --preset small --data "$D/$1" \
+    --out "$dir" --seed "$seed" --labels "$3" --eval-episodes 64
+  share archive "$D/$1" "$ROOT/s34/$1" --archive "results/s34/$1" > /dev/null
+}
 
 # finished runs come back from the repository's archive (their rows, summaries and metrics; not their checkpoints), so
 # a new checkout skips them
-for v in sprite starpilot; do
+for v in sprite starpilot chaser; do
   if [ -d "results/s34/$v" ]; then mkdir -p "$ROOT/s34/$v"; cp -rn "results/s34/$v/." "$ROOT/s34/$v/"; fi
 done
 
@@ -53,13 +62,8 @@ for s in 0 1 2; do
   for n in 1024 256 64; do
     share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup --script examples/few_labels.py \
       --flags "--stage1-labels $n" --name "fork$n"; keep starpilot; done
-  for n in 64,256,1024 1024 256 64; do
-    run=fork${n}_off-s$s; [ "$n" = 64,256,1024 ] && run=off-s$s; dir=$ROOT/s34/starpilot/$run
-    [ -f "$dir/stage2_summary.json" ] || python lapo.py stage2 --preset small --data "$D/starpilot" --out "$dir" \
-      $([ -f "$dir/stage2.pt" ] && echo --resume)
-    [ -f "$dir/stage3_offline_summary.json" ] || python lapo.py stage3 --mode offline --preset small \
-      --data "$D/starpilot" --out "$dir" --labels $n --eval-episodes 64
-  done
+  decode starpilot off-s$s 64,256,1024
+  for n in 1024 256 64; do decode starpilot fork${n}_off-s$s $n; done
 done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
@@ -71,4 +75,15 @@ for s in 0 1 2 3 4 5 6 7; do for v in sprite starpilot; do
   share run "$D/$v" "$ROOT/s34/$v" --seeds $s --amp off --no-sup --script results/scripts/vq_knobs.py \
     --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep $v $([ $v = sprite ] && echo 0.908)
 done; done
-# then: chaser (random-policy data) for issue 36's untouched game
+
+# issue 36 on a game used for nothing else: chaser, random-policy data (no expert to train; the probe and the decoder
+# read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256 labels
+[ -f "$D/chaser/collect_summary.json" ] || python lapo.py collect --preset small --env chaser --out "$D"
+share run "$D/chaser" "$ROOT/s34/chaser" --seeds 0 --amp ""
+for s in 0 1 2; do
+  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup "${spread[@]}"; keep chaser
+  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup --script examples/few_labels.py \
+    --flags "--stage1-labels 256" --name fork256; keep chaser
+  decode chaser off-s$s 256; decode chaser fork256_off-s$s 256
+done
+python results/scripts/few_labels_report.py "$ROOT/s34/chaser" --labels 256 | tee "$ROOT/s34/chaser_labels.report.md"

@@ -208,13 +208,15 @@ def report(a):
                   f"mean is >= 0, over >= 8 seeds: {'yes' if ok else 'no' if len(pairs) >= 8 else 'not yet'}")
 
 def archive(a):
-    """Keep every finished run's summary, metrics and report row (not its checkpoint) in a folder to commit."""
+    """Keep every finished run's summaries, metrics and report row (not its checkpoints) in a folder to commit."""
     for name in sorted(os.listdir(a.runs)):
         src, dst = os.path.join(a.runs, name), os.path.join(a.archive, name)
         if os.path.exists(os.path.join(src, "report_row.json")):
             os.makedirs(dst, exist_ok=True)
-            for f in ("stage1_summary.json", "metrics.jsonl", "report_row.json"):
-                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+            for f in ("stage1_summary.json", "metrics.jsonl", "report_row.json", "stage2_summary.json",
+                      "stage3_offline_summary.json"):  # (the last two where stages 2 and 3 ran on the run)
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
             print(f"archived {dst}")
 
 
