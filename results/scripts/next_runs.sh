@@ -48,27 +48,30 @@ mkdir -p "$ROOT/s34"; [ -d "$ROOT/s34/expert" ] || cp -r results/s34/expert "$RO
   --out "$ROOT/s34/expert" $([ -f "$ROOT/s34/expert/expert.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
 [ -f "$D/starpilot/collect_summary.json" ] || python lapo.py collect --preset small --env starpilot \
   --policy "$ROOT/s34/expert/expert.pt" --out "$D"
-# issues 34 and 36, seed by seed (so that a session's partial results stay balanced): the ceiling, plain stage 1,
-# the fork at 1,024, 256 and 64 stage-1 labels, then stages 2 and 3 at equal labels
 share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp ""  # the ceiling alone (it takes no --log-spread)
-# issue 34: bf16 on starpilot first where the host has bf16 units (12 against 18 minutes a run on an Intel Xeon with
-# AMX, and a host without them cannot run these at all); fp32 runs anywhere
-if [ "$bf16" = 1 ]; then for s in 0 1 2 3 4 5 6 7; do
-  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp on --no-sup "${spread[@]}"; keep starpilot
-done; fi
+if [ "$bf16" = 1 ]; then  # bf16 seed 0 (run on the AMX host, 2026-12-03; seeds 1-7 come after issue 36's runs)
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp on --no-sup "${spread[@]}"; keep starpilot; fi
+
+# issues 36 and 34: plain stage 1 in fp32 (issue 34's distribution, issue 36's baseline) and the fork at 256 stage-1
+# labels, seed by seed, each with stages 2 and 3 at equal labels; then the fork at 1,024 and 64 labels
+fork() {  # the fork at $2 stage-1 labels, seed $1, then its stages 2 and 3 at those labels
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds "$1" --amp off --no-sup --script examples/few_labels.py \
+    --flags "--stage1-labels $2" --name "fork$2"; keep starpilot; decode starpilot "fork${2}_off-s$1" "$2"
+}
 for s in 0 1 2; do
-  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"
-  keep starpilot
-  for n in 1024 256 64; do
-    share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup --script examples/few_labels.py \
-      --flags "--stage1-labels $n" --name "fork$n"; keep starpilot; done
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"; keep starpilot
   decode starpilot off-s$s 64,256,1024
-  for n in 1024 256 64; do decode starpilot fork${n}_off-s$s $n; done
+  fork $s 256
 done
+for n in 1024 64; do for s in 0 1 2; do fork $s $n; done; done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
+# issue 34: fp32 seeds 3-7, then bf16 seeds 1-7 where the host has bf16 units (a host without them cannot run these)
 for s in 3 4 5 6 7; do share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"
   keep starpilot; done
+if [ "$bf16" = 1 ]; then for s in 1 2 3 4 5 6 7; do
+  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp on --no-sup "${spread[@]}"; keep starpilot
+done; fi
 
 # issue 34: the knob the trunk screens point to: the paper's lr
 for s in 0 1 2 3 4 5 6 7; do for v in sprite starpilot; do
