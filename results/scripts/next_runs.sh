@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issues 34 and 36: every run still to do, in priority order, one at a time (a `small` stage-1 run takes 14-30 minutes
-# on 2 cores; 28-30 on the AMX Xeon on 2026-12-03). Each job skips what is finished and resumes what was interrupted, so rerun the same command after a
-# session ends. After each stage-1 job the report rows go to results/s34/<video>/ (commit them: run folders outside
-# the repository did not survive between sessions).
+# on 2 cores; 28-30 on the AMX Xeon on 2026-12-03). Each job skips what is finished and resumes what was interrupted,
+# so rerun the same command after a session ends. After each stage-1 job the report rows go to results/s34/<video>/
+# (commit them: run folders outside the repository did not survive between sessions).
 #
 #   bash results/scripts/next_runs.sh ROOT        # ROOT: data and run folders, e.g. /work/exp
 set -euo pipefail
