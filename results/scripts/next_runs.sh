@@ -54,16 +54,16 @@ if [ "$bf16" = 1 ]; then  # bf16 seed 0 (run on the AMX host, 2026-12-03; seeds 
 
 # issues 36 and 34: plain stage 1 in fp32 (issue 34's distribution, issue 36's baseline) and the fork at 256 stage-1
 # labels, seed by seed, each with stages 2 and 3 at equal labels; then the fork at 1,024 and 64 labels
-fork() {  # the fork at $2 stage-1 labels, seed $1, then its stages 2 and 3 at those labels
-  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds "$1" --amp off --no-sup --script examples/few_labels.py \
-    --flags "--stage1-labels $2" --name "fork$2"; keep starpilot; decode starpilot "fork${2}_off-s$1" "$2"
+fork() {  # on video $1, the fork at $3 stage-1 labels, seed $2, then its stages 2 and 3 at those labels
+  share run "$D/$1" "$ROOT/s34/$1" --seeds "$2" --amp off --no-sup --script examples/few_labels.py \
+    --flags "--stage1-labels $3" --name "fork$3"; keep "$1"; decode "$1" "fork${3}_off-s$2" "$3"
 }
 for s in 0 1 2; do
   share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"; keep starpilot
   decode starpilot off-s$s 64,256,1024
-  fork $s 256
+  fork starpilot $s 256
 done
-for n in 1024 64; do for s in 0 1 2; do fork $s $n; done; done
+for n in 1024 64; do for s in 0 1 2; do fork starpilot $s $n; done; done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
 # issue 34: fp32 seeds 3-7, then bf16 seeds 1-7 where the host has bf16 units (a host without them cannot run these)
@@ -85,8 +85,6 @@ done; done
 share run "$D/chaser" "$ROOT/s34/chaser" --seeds 0 --amp ""
 for s in 0 1 2; do
   share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup "${spread[@]}"; keep chaser
-  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup --script examples/few_labels.py \
-    --flags "--stage1-labels 256" --name fork256; keep chaser
-  decode chaser off-s$s 256; decode chaser fork256_off-s$s 256
+  decode chaser off-s$s 256; fork chaser $s 256
 done
 python results/scripts/few_labels_report.py "$ROOT/s34/chaser" --labels 256 | tee "$ROOT/s34/chaser_labels.report.md"

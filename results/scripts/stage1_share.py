@@ -213,10 +213,10 @@ def archive(a):
         src, dst = os.path.join(a.runs, name), os.path.join(a.archive, name)
         if os.path.exists(os.path.join(src, "report_row.json")):
             os.makedirs(dst, exist_ok=True)
-            for f in ("stage1_summary.json", "metrics.jsonl", "report_row.json", "stage2_summary.json",
-                      "stage3_offline_summary.json"):  # (the last two where stages 2 and 3 ran on the run)
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+            later = [f for f in ("stage2_summary.json", "stage3_offline_summary.json")  # where stages 2, 3 ran
+                     if os.path.exists(os.path.join(src, f))]
+            for f in ["stage1_summary.json", "metrics.jsonl", "report_row.json"] + later:
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
             print(f"archived {dst}")
 
 
