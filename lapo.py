@@ -7,7 +7,7 @@ paper, small and tiny values); utilities (seeding, autocast, `preprocess`, `opti
 (`stage3_offline`; `ppo`, `stage3_online`); evaluation; several ranks (`ddp_start`: stages 1 and 2 under torchrun).
 Last, the plumbing: lock, writes, checkpoints, metrics, main.
 
-    python lapo.py collect --env bigfish --out data            # observation-only video (+ labeled test split)
+    python lapo.py collect --env bigfish --out data            # video, its actions recorded (stages 1-2 ignore them)
     python lapo.py stage1  --data data/bigfish --out runs/bigfish   # latent IDM + FDM, no actions used
     python lapo.py stage2  --data data/bigfish --out runs/bigfish   # latent policy pi(o_t) -> z_t
     python lapo.py stage3  --mode offline --labels 256 --data data/bigfish --out runs/bigfish
@@ -1568,7 +1568,7 @@ def load_checkpoint(path, kinds):
         raise LapoError(f"{path} is not a {'/'.join(kinds)} checkpoint of lapo.py")
     return ck
 
-# Flags that change nothing about what is computed: they may differ when a run is resumed.
+# Flags that may differ when a run is resumed: where it runs, its precision, its logging (same flags, same result).
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
                 "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
                 "func", "episodes", "track", "wandb_project", "wandb_entity"}
@@ -1675,6 +1675,9 @@ def parse_args(argv=None):
                         f"(got {args.latent_dim} / {args.code_dim} over {args.num_codebooks} codebooks)")
     if args.cmd == "stage3" and args.mode == "offline" and args.data is None:
         raise LapoError("stage3 --mode offline needs --data DIR/GAME: the action-labeled frames to decode with")
+    if args.cmd == "collect" and min(args.chunk_len, args.test_chunk_len) < 3 * args.num_envs:  # a window is 3 frames
+        raise LapoError(f"collect: --chunk-len and --test-chunk-len must give each of the --num-envs {args.num_envs} "
+                        f"envs 3 frames in a row, so at least {3 * args.num_envs}; raise them or lower --num-envs")
     if args.cmd == "expert" or getattr(args, "mode", None) == "online":  # the commands that run PPO
         rollout = args.num_envs * args.num_steps
         if args.frames < rollout:

@@ -1733,6 +1733,7 @@ CROSS_FLAG_CASES = [
     (("expert", "--env", "bigfish"), "--frames", ("100",)),  # less than one rollout (8 envs x 32 steps)
     (("expert", "--env", "bigfish"), "--num-minibatches", ("1000",)),  # fewer than 2 samples per minibatch
     (("stage1", "--data", "x"), "--code-dim", ("7",)),  # 7 does not divide the 128-d latent
+    (("collect", "--env", "bigfish"), "--chunk-len", ("23",)),  # 8 envs need 3 frames each in a chunk
 ]
 
 

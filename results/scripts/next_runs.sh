@@ -73,11 +73,13 @@ if [ "$bf16" = 1 ]; then for s in 1 2 3 4 5 6 7; do
   share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp on --no-sup "${spread[@]}"; keep starpilot
 done; fi
 
-# issue 34: the knob the trunk screens point to: the paper's lr
-for s in 0 1 2 3 4 5 6 7; do for v in sprite starpilot; do
-  share run "$D/$v" "$ROOT/s34/$v" --seeds $s --amp off --no-sup --script results/scripts/vq_knobs.py \
-    --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep $v $([ $v = sprite ] && echo 0.908)
-done; done
+# issue 34: the knob the trunk screens point to, the paper's lr, as a screen only: plain fp32 finds sprite's action on 7
+# of 8 seeds, so no knob can pass the rule there (>= 3 more of 8 on both videos). Starpilot seeds 0-2 pair with plain
+# (does the lr move starpilot's probe at all), sprite seed 6 is plain's one collapse, seeds 3 and 7 its slowest finds
+for r in "starpilot 0" "starpilot 1" "starpilot 2" "sprite 6" "sprite 3" "sprite 7"; do read -r v s <<< "$r"
+  share run "$D/$v" "$ROOT/s34/$v" --seeds "$s" --amp off --no-sup --script results/scripts/vq_knobs.py \
+    --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep "$v" $([ "$v" = sprite ] && echo 0.908)
+done
 
 # issue 36 on a game used for nothing else: chaser, random-policy data (no expert to train; the probe and the decoder
 # read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256 labels
