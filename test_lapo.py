@@ -2412,6 +2412,17 @@ def test_pipeline_layout_and_commands(tool_pipeline):
     assert len(steps) == 1 + 2 * 7 and all(s["wall_s"] > 0 and s["device"] in ("cpu", "cuda") for s in steps.values())
 
 
+def test_pipeline_normalizes_by_the_experts_own_evaluation(tmp_path):
+    """An expert the pipeline trained is scored by its evaluation (the first episodes of each env); a policy given with
+    --expert by its episodes in the collected data, which over-count short ones (the only score it has)."""
+    os.makedirs(tmp_path / "expert"), os.makedirs(tmp_path / "d")
+    lapo.write_json(str(tmp_path / "d/collect_summary.json"), {"train": {"mean_return": 4.86, "episodes": 542}})
+    lapo.write_json(str(tmp_path / "expert/expert_summary.json"), {"eval_mean_return": 5.0, "eval_episodes": 512})
+    own, given = types.SimpleNamespace(expert=None), types.SimpleNamespace(expert="x.pt")
+    assert pipeline_tool.expert_return(str(tmp_path), str(tmp_path / "d"), own)[0] == 5.0
+    assert pipeline_tool.expert_return(str(tmp_path), str(tmp_path / "d"), given)[0] == 4.86
+
+
 def test_pipeline_report_aggregates_over_seeds(tool_pipeline):
     root = tool_pipeline[0]
     res = json.load(open(root / "results.json"))

@@ -219,8 +219,7 @@ def pipeline(args):
                                  "yours. Nothing was deleted: remove it if it is an interrupted collection, or choose "
                                  "another --out")
         step(*s)
-    # normalize against the expert whose data we learn from (the REFERENCE table's convention for own data)
-    ex = read_json(os.path.join(data, "collect_summary.json"))["train"]["mean_return"]  # None: no episode ended
+    ex = expert_return(args.out, data, args)[0]  # None: no episode ended
     for s in plan(args, x, [] if ex is None else ["--expert-return", ex])[1 + (not args.expert):]:
         if not args.only or any(k in s[0] for k in args.only):
             step(*s)
@@ -280,6 +279,17 @@ def seed_numbers(d):
     for w in ("last20", "first10"):
         x[f"online_diff_{w}"] = diff(x.get(f"online_rlsl_{w}"), x.get(f"online_scratch_{w}"))
     return x
+
+
+def expert_return(root, data, args):
+    """The return to normalize by, of the expert whose data we learn from (the REFERENCE table's convention for own
+    data): its own evaluation (the first episodes of each env) where the pipeline trained it, else the mean of its
+    episodes in the collected data, which over-counts short ones. -> (return or None: no episode ended, its words)"""
+    own = read_json(os.path.join(root, "expert", "expert_summary.json")) if not args.expert else None
+    if own:
+        return own["eval_mean_return"], f"our own expert's mean return over {own['eval_episodes']} evaluation episodes"
+    train = read_json(os.path.join(data, "collect_summary.json"))["train"]
+    return train["mean_return"], f"the mean return of the policy's {train['episodes']} episodes in the collected data"
 
 
 def read_json(path):
@@ -380,8 +390,7 @@ def report(root, game, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seeds, data = args.seeds, os.path.join(root, "data", game)
-    collected = read_json(os.path.join(data, "collect_summary.json"))
-    ex, rnd = collected["train"]["mean_return"], lapo.SCORES[game][0]
+    (ex, source), rnd = expert_return(root, data, args), lapo.SCORES[game][0]
     ok = ex is not None and ex > rnd  # normalizing needs an expert better than random
     exs = "n/a (no episode ended)" if ex is None else f"{ex:.2f}"
     per_seed = {k: seed_numbers(os.path.join(root, f"seed{k}")) for k in seeds}
@@ -429,8 +438,7 @@ def report(root, game, args):
              f"Hardware: CPU `{cpu_model()}`, bf16 units: {yes[bf16]}, device {', '.join(devices) or 'n/a'}; "
              f"bf16 autocast (`--amp`): {amp}.", "",
              f"Normalized return = (R - random) / (expert - random), random = {rnd} (the REFERENCE table), expert = "
-             f"{exs}: the mean return of our own expert's {collected['train']['episodes']} episodes in the collected "
-             "data (passed to every step as `--expert-return`), not the paper's expert." + ("" if ok else
+             f"{exs}: {source} (passed to every step as `--expert-return`), not the paper's expert." + ("" if ok else
              " **This expert is no better than random**: normalized returns are undefined (n/a) and the comparisons "
              "below say nothing about LAPO. Give the expert more frames (`--expert PATH`, or a larger preset)."), "",
              "Mean ± standard error over seeds (n seeds; SE n/a with one). A difference is paired per seed. Offline "
