@@ -219,7 +219,7 @@ def pipeline(args):
                                  "yours. Nothing was deleted: remove it if it is an interrupted collection, or choose "
                                  "another --out")
         step(*s)
-    ex = expert_return(args.out, data, args)[0]  # None: no episode ended
+    ex = expert_return(root, data, args)[0]  # None: no episode ended
     for s in plan(args, x, [] if ex is None else ["--expert-return", ex])[1 + (not args.expert):]:
         if not args.only or any(k in s[0] for k in args.only):
             step(*s)
