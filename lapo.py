@@ -104,7 +104,7 @@ ALL, TRAIN = "collect stage1 stage2 stage3 expert eval", "stage1 stage2"
 PPO, EVAL = "stage3 expert", "stage3 expert eval"  # (stage3's PPO flags are --mode online's)
 flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: an hour on a CPU; tiny: seconds",
      choices=PRESETS)
-flag("--seed", ALL, SEED, 0, "seed of everything; same seed on CPU, same result")
+flag("--seed", ALL, SEED, 0, "seed of everything; same seed, same result (to float rounding)")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
 flag("--amp", ALL, None, "off", "bf16 autocast; auto: on for CUDA and CPUs with bf16 units (small: off, as bf16 "
      "found the action no more often; results log)", choices=("auto", "on", "off"))

@@ -42,6 +42,25 @@ def run_cli(*argv, ok=True):
     return r
 
 
+def run_main(main, *argv):
+    """main(argv) in this process, as its command line runs it -> (exit code, stdout, stderr). A fresh interpreter
+    costs ~7 s (torch's import, and its compiler stack, imported by the first optimizer), 200 s over the suite."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:  # (anything else, a traceback among them, fails the test)
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_lapo(*argv, ok=True):
+    r = run_main(lapo.main, *argv)
+    if ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 def last_json(stdout):
     return json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
 
@@ -1478,7 +1497,7 @@ def test_load_split_orders_chunks_by_integer_name(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The method on real Procgen through the CLI at `tiny`: expert -> collect -> stage1 -> stage2 -> stage3 offline
+    """The method on real Procgen through lapo.main at `tiny`: expert -> collect -> stage1 -> stage2 -> stage3 offline
     (+ BC) -> stage3 online (+ no-SL). -> (root, run folder, {command: stdout})"""
     root = tmp_path_factory.mktemp("e2e")
     run, data, out = root / "lapo", root / "data/bigfish", {}
@@ -1490,7 +1509,7 @@ def pipeline(tmp_path_factory):
                        ("offline", ("stage3", "--mode", "offline", "--baseline", "bc", "--data", data, "--out", run)),
                        ("online", ("stage3", "--mode", "online", "--out", run)),
                        ("nosl", ("stage3", "--mode", "online", "--no-sl", "--out", run))]:
-        out[name] = run_cli(*argv, "--preset", "tiny").stdout
+        out[name] = run_lapo(*argv, "--preset", "tiny").stdout
     return root, run, out
 
 
@@ -1649,23 +1668,32 @@ def test_stage3_offline_never_overwrites_earlier_results(pipeline):
     kept = lambda p: p.is_file() and p.name not in ("metrics.jsonl", "lapo.lock")  # noqa: E731 (logs, the lock)
     before = {p.name: p.read_bytes() for p in run.iterdir() if kept(p)}
     for labels in ("16", "32"):  # the same labels, and new labels: both would rewrite the summary
-        r = run_cli("stage3", "--mode", "offline", "--preset", "tiny", "--seed", 1, "--labels", labels,
-                    "--data", data, "--out", run, ok=False)
+        r = run_lapo("stage3", "--mode", "offline", "--preset", "tiny", "--seed", 1, "--labels", labels,
+                     "--data", data, "--out", run, ok=False)
         assert r.returncode == 2 and "never overwritten" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     after = {p.name: p.read_bytes() for p in run.iterdir() if kept(p)}
     assert after == before
 
 
 def test_stage3_offline_same_seed_same_decoder(pipeline, tmp_path):
+    """The seed fixes the decoder: its initial weights, labeled frames and minibatches. The same seed refits it to
+    float rounding (bit for bit on some CPUs; on others a kernel rounds differently from one run to the next, and
+    Adam carries that on), another seed fits a different one."""
     run, data = pipeline[1], pipeline[0] / "data/bigfish"
-    for f in ("stage1.pt", "stage2.pt"):
-        shutil.copy(run / f, tmp_path / f)
-    lapo.stage3_offline(lapo.parse_args(["stage3", "--mode", "offline", "--preset", "tiny", "--labels", "16",
-                                         "--eval-episodes", "1", "--eval-max-steps", "20", "--data", str(data),
-                                         "--out", str(tmp_path)]))
-    first, again = (torch.load(p / "decoded_16.pt", weights_only=False)["model"] for p in (run, tmp_path))
+    fits = []
+    for seed in ("0", "1"):  # 0: the fixture's
+        os.makedirs(tmp_path / seed)
+        for f in ("stage1.pt", "stage2.pt"):
+            shutil.copy(run / f, tmp_path / seed / f)
+        lapo.stage3_offline(lapo.parse_args(["stage3", "--mode", "offline", "--preset", "tiny", "--labels", "16",
+                                             "--seed", seed, "--eval-episodes", "1", "--eval-max-steps", "20",
+                                             "--data", str(data), "--out", str(tmp_path / seed)]))
+        fits.append(torch.load(tmp_path / seed / "decoded_16.pt", weights_only=False)["model"])
+    first = torch.load(run / "decoded_16.pt", weights_only=False)["model"]
     for k, v in first.items():
-        assert torch.equal(v, again[k]), k
+        if k.startswith("decoder."):
+            again, other = (v - fits[0][k]).norm().item(), (v - fits[1][k]).norm().item()
+            assert again <= 1e-3 * other and other > 0.1 * v.norm().item(), (k, again, other, v.norm().item())
 
 
 def one_line_error(r, *needles):
@@ -1686,8 +1714,9 @@ def test_cli_bad_input_is_one_line(pipeline, tmp_path):
               "--labels", 10 ** 7),
              ("stage3", "--mode", "offline", "--preset", "tiny", "--out", run),  # no --data
              ("eval", "--checkpoint", data / "train/0.npz")]
-    for argv in cases:
-        one_line_error(run_cli(*argv, ok=False))
+    one_line_error(run_cli(*cases[0], ok=False))  # a real process
+    for argv in cases[1:]:
+        one_line_error(run_lapo(*argv, ok=False))
 
 
 # A valid value for each command's required flags, so that parsing reaches the flag under test.
@@ -2080,9 +2109,9 @@ def test_action_free_data_trains(tmp_path):
         np.savez(tmp_path / f"vid/{split}/0.npz", obs=obs[sl], done=done[sl])  # no 'ta' at all
     data = lapo.load_split(str(tmp_path / "vid"), "train")
     assert data.ta is None
-    s1 = last_json(run_cli("stage1", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
+    s1 = last_json(run_lapo("stage1", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
     assert s1["step"] == 30 and "probe_acc" not in s1
-    s2 = last_json(run_cli("stage2", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
+    s2 = last_json(run_lapo("stage2", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
     r1, r2 = recomputed_summaries(tmp_path / "r", tmp_path / "vid")
     assert s2["step"] == 30 and r1.keys() == {"test_fdm_loss"}
     assert s1["test_fdm_loss"] == pytest.approx(r1["test_fdm_loss"], rel=1e-4)
@@ -2308,11 +2337,13 @@ def load_tool(name):  # the tools are scripts, not a package: import them by pat
 
 
 pipeline_tool, bench_tool, diagnose_tool = load_tool("pipeline"), load_tool("bench"), load_tool("diagnose")
+TOOLS = {"pipeline": pipeline_tool, "bench": bench_tool}
 
 
-def run_tool(name, *argv, ok=True):
+def run_tool(name, *argv, ok=True, process=False):
+    """tools/<name>.py's main in this process, or with process=True in a real one (as a user runs it)."""
     r = subprocess.run([sys.executable, os.path.join(HERE, "tools", f"{name}.py"), *map(str, argv)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600) if process else run_main(TOOLS[name].main, *argv)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -2369,7 +2400,7 @@ def test_bad_flags_are_one_line_exit_2(tool, argv, flag, capsys, tmp_path):
 
 
 def test_bad_flag_through_the_command_line():
-    r = run_tool("pipeline", "--seeds", "abc", ok=False)
+    r = run_tool("pipeline", "--seeds", "abc", ok=False, process=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and "--seeds" in r.stderr
 
@@ -3032,5 +3063,5 @@ def test_video_bad_input_is_one_line(tmp_path, capsys):
     assert videos_main("import", tmp_path / "two", "--out", tmp_path / "n/g") == 2
     assert "1 of 2 videos could be imported" in capsys.readouterr().err
     assert os.listdir(tmp_path / "n") == ["lapo.lock"]
-    one_line_error(run_tool("videos", "import", tmp_path / "nothing", "--out", tmp_path / "n/g", ok=False),
-                   "no video files")  # a real process
+    one_line_error(run_tool("videos", "import", tmp_path / "nothing", "--out", tmp_path / "n/g", ok=False,
+                            process=True), "no video files")  # a real process
