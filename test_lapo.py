@@ -44,7 +44,7 @@ def run_cli(*argv, ok=True):
 
 def run_main(main, *argv):
     """main(argv) in this process, as its command line runs it -> (exit code, stdout, stderr). A fresh interpreter
-    costs ~7 s (torch's import, and its compiler stack, imported by the first optimizer), 200 s over the suite."""
+    costs ~7 s (torch's import, and its compiler stack, imported by the first optimizer): 150 s over the suite."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
