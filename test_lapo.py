@@ -34,14 +34,6 @@ import lapo
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_cli(*argv, ok=True):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "lapo.py"), *map(str, argv)],
-                       capture_output=True, text=True, timeout=600)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
 def run_main(main, *argv):
     """main(argv) in this process, as its command line runs it -> (exit code, stdout, stderr). A fresh interpreter
     costs ~7 s (torch's import, and its compiler stack, imported by the first optimizer): 150 s over the suite."""
@@ -54,11 +46,17 @@ def run_main(main, *argv):
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def run_lapo(*argv, ok=True):
-    r = run_main(lapo.main, *argv)
+def run_script(path, main, argv, ok, process):
+    """A script's main(argv): in this process, or with process=True in a real one (as a user runs it)."""
+    r = subprocess.run([sys.executable, path, *map(str, argv)], capture_output=True, text=True,
+                       timeout=600) if process else run_main(main, *argv)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def run_cli(*argv, ok=True, process=False):
+    return run_script(os.path.join(HERE, "lapo.py"), lapo.main, argv, ok, process)
 
 
 def last_json(stdout):
@@ -1509,7 +1507,7 @@ def pipeline(tmp_path_factory):
                        ("offline", ("stage3", "--mode", "offline", "--baseline", "bc", "--data", data, "--out", run)),
                        ("online", ("stage3", "--mode", "online", "--out", run)),
                        ("nosl", ("stage3", "--mode", "online", "--no-sl", "--out", run))]:
-        out[name] = run_lapo(*argv, "--preset", "tiny").stdout
+        out[name] = run_cli(*argv, "--preset", "tiny").stdout
     return root, run, out
 
 
@@ -1639,7 +1637,8 @@ def test_stage3_offline_online_and_eval_cli(pipeline):
         assert all(torch.equal(model[f"policy.{k}"], v) for k, v in stage2.items()), name
         assert not torch.equal(model["fc.weight"], stage2["fc.weight"]) and model["rl_head.weight"].abs().sum() > 0
     # `eval` on a saved policy reproduces the returns its command reported (same seed, episodes, step cut)
-    ev = last_json(run_cli("eval", "--checkpoint", run / "decoded_16.pt", "--preset", "tiny").stdout)
+    ev = last_json(run_cli("eval", "--checkpoint", run / "decoded_16.pt", "--preset", "tiny",
+                           process=True).stdout)
     assert ev["eval_returns"] == rows[("lapo", 16)]["eval_returns"]
     for ck, summary in ((run / "online.pt", on), (root / "expert/expert.pt", root / "expert/expert_summary.json")):
         summary = summary if isinstance(summary, dict) else json.load(open(summary))
@@ -1668,7 +1667,7 @@ def test_stage3_offline_never_overwrites_earlier_results(pipeline):
     kept = lambda p: p.is_file() and p.name not in ("metrics.jsonl", "lapo.lock")  # noqa: E731 (logs, the lock)
     before = {p.name: p.read_bytes() for p in run.iterdir() if kept(p)}
     for labels in ("16", "32"):  # the same labels, and new labels: both would rewrite the summary
-        r = run_lapo("stage3", "--mode", "offline", "--preset", "tiny", "--seed", 1, "--labels", labels,
+        r = run_cli("stage3", "--mode", "offline", "--preset", "tiny", "--seed", 1, "--labels", labels,
                      "--data", data, "--out", run, ok=False)
         assert r.returncode == 2 and "never overwritten" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     after = {p.name: p.read_bytes() for p in run.iterdir() if kept(p)}
@@ -1714,9 +1713,9 @@ def test_cli_bad_input_is_one_line(pipeline, tmp_path):
               "--labels", 10 ** 7),
              ("stage3", "--mode", "offline", "--preset", "tiny", "--out", run),  # no --data
              ("eval", "--checkpoint", data / "train/0.npz")]
-    one_line_error(run_cli(*cases[0], ok=False))  # a real process
+    one_line_error(run_cli(*cases[0], ok=False, process=True))
     for argv in cases[1:]:
-        one_line_error(run_lapo(*argv, ok=False))
+        one_line_error(run_cli(*argv, ok=False))
 
 
 # A valid value for each command's required flags, so that parsing reaches the flag under test.
@@ -1781,7 +1780,7 @@ def test_every_numeric_flag_is_range_checked_at_parse_time(tmp_path, capsys):
             assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (v, err)
             assert (flag if (flag, v) != ("--code-dim", "7") else "--latent-dim") in err, err
             assert not out.exists(), (argv, flag, v)  # nothing written
-    one_line_error(run_cli("stage1", "--data", "x", "--batch-size", "0", ok=False), "--batch-size")  # a real process
+    one_line_error(run_cli("stage1", "--data", "x", "--batch-size", "0", ok=False, process=True), "--batch-size")
 
 
 def test_an_allocation_the_machine_refuses_is_one_line_naming_the_flags(tmp_path, capsys, monkeypatch):
@@ -1865,7 +1864,8 @@ def test_unwritable_out_is_one_line(tmp_path):
     locked.chmod(0o500)
     # root writes anywhere, but not into /proc: the same refusal without dropping privileges
     out = "/proc/lapo-unwritable/run" if os.geteuid() == 0 else locked / "run"
-    one_line_error(run_cli("stage1", "--preset", "tiny", "--data", tmp_path, "--out", out, ok=False), "not writable")
+    one_line_error(run_cli("stage1", "--preset", "tiny", "--data", tmp_path, "--out", out, ok=False, process=True),
+                   "not writable")
 
 
 def test_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
@@ -2000,7 +2000,7 @@ def test_a_shared_checkpoint_never_runs_code(tmp_path):
     load every kind)."""
     marker = tmp_path / "payload_ran"
     torch.save({"kind": "policy", "agent": "impala", "x": Payload(marker)}, tmp_path / "e.pt")
-    one_line_error(run_cli("eval", "--checkpoint", tmp_path / "e.pt", ok=False), "refused", "run code")
+    one_line_error(run_cli("eval", "--checkpoint", tmp_path / "e.pt", ok=False, process=True), "refused", "run code")
     with pytest.raises(lapo.LapoError, match="refused"):
         lapo.load_checkpoint(str(tmp_path / "e.pt"), ("policy",))
     assert not marker.exists()
@@ -2109,9 +2109,9 @@ def test_action_free_data_trains(tmp_path):
         np.savez(tmp_path / f"vid/{split}/0.npz", obs=obs[sl], done=done[sl])  # no 'ta' at all
     data = lapo.load_split(str(tmp_path / "vid"), "train")
     assert data.ta is None
-    s1 = last_json(run_lapo("stage1", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
+    s1 = last_json(run_cli("stage1", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
     assert s1["step"] == 30 and "probe_acc" not in s1
-    s2 = last_json(run_lapo("stage2", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
+    s2 = last_json(run_cli("stage2", "--preset", "tiny", "--data", tmp_path / "vid", "--out", tmp_path / "r").stdout)
     r1, r2 = recomputed_summaries(tmp_path / "r", tmp_path / "vid")
     assert s2["step"] == 30 and r1.keys() == {"test_fdm_loss"}
     assert s1["test_fdm_loss"] == pytest.approx(r1["test_fdm_loss"], rel=1e-4)
@@ -2341,12 +2341,7 @@ TOOLS = {"pipeline": pipeline_tool, "bench": bench_tool}
 
 
 def run_tool(name, *argv, ok=True, process=False):
-    """tools/<name>.py's main in this process, or with process=True in a real one (as a user runs it)."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", f"{name}.py"), *map(str, argv)],
-                       capture_output=True, text=True, timeout=600) if process else run_main(TOOLS[name].main, *argv)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return run_script(os.path.join(HERE, "tools", f"{name}.py"), not process and TOOLS[name].main, argv, ok, process)
 
 
 # ---------------------------------------------------------------------------------------------- units
