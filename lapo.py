@@ -315,8 +315,8 @@ def collect(args):
     part = f"{root}.partial"  # written here and renamed to root once complete: no stage reads half a collection
     if os.path.exists(part):
         raise LapoError(f"{part} holds an interrupted collection; delete it and run the same command again")
-    if os.path.isdir(root) and os.listdir(root):
-        raise LapoError(f"{root} already exists and is not empty; delete it or choose another --out")
+    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+        raise LapoError(f"{root} already exists and is not an empty folder; delete it or choose another --out")
     args.on_interrupt = (f"collection does not resume: its chunks so far are in {part}, which no stage reads; delete "
                          "it and run the same command again")
     for split, frames, seed in (("train", args.frames, args.seed), ("test", args.test_frames, args.seed + 10_000)):
@@ -570,7 +570,7 @@ class VectorQuantizer(nn.Module):
             commit = F.mse_loss(zg, q.detach())
             q = zg + (q - zg).detach()  # straight-through: forward uses the code, backward the identity
             usage = onehot.mean(1)
-            perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum(-1)).mean()
+            perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum(-1)).mean()  # per codebook (authors: sum)
             zq = q.view(self.G, b, self.per, self.D).transpose(0, 1).reshape(b, -1)
             codes = idx.view(self.G, b, self.per).transpose(0, 1).reshape(b, -1)
         return zq, commit, codes, perplexity
@@ -1153,8 +1153,7 @@ def stage3_offline(args):
             bc = ImpalaAgent(arch["scale"]).to(device)
             train_classifier(bc, train_data.obs[c.cpu()], y, args.bc_steps, 64, 5e-4, args.seed + n, device=device)
             row = {"method": "bc", "labels": n, "test_acc": accuracy(bc, test_frames, test_y, device)}
-            results.append({**row, **save_and_evaluate(args, f"bc_{n}", bc, game, {"scale": arch["scale"]},
-                                                       labels=n)})
+            results.append({**row, **save_and_evaluate(args, f"bc_{n}", bc, game, {"scale": arch["scale"]}, labels=n)})
     summary = {"stage": "stage3_offline", "game": game, "results": results}
     write_summary(args.out, "stage3_offline", summary)
     return summary
@@ -1231,8 +1230,8 @@ def ppo(args, agent, groups, stage, game, on_update=None, extra_state=None):
         # fresh environments on new levels, and new action samples: a resume never replays the run's start
         norm.ret[:] = 0.0  # (the running returns belonged to the old episodes; the statistics stay)
         torch.manual_seed(args.seed + start)
-        print(f"{stage}: resumed at update {start} (environments restart fresh, seed {args.seed + start})", flush=True)
-    envs = Envs(game, E, args.seed + start)
+        print(f"{stage}: resumed at update {start} (environments restart fresh on new levels)", flush=True)
+    envs = Envs(game, E, args.seed + 30_000 + start)  # levels of its own: collect's are seed and seed + 10,000
     obs_buf = torch.zeros((T + 1, E, 64, 64, 3), dtype=torch.uint8, device=device)
     act_buf, logp_buf, val_buf, rew_buf, done_buf = (torch.zeros((T, E), device=device) for _ in range(5))
     obs = torch.from_numpy(envs.reset()).to(device)
@@ -1531,6 +1530,7 @@ def write_atomic(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush(), os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old file or the new
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as RuntimeError)
         kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"

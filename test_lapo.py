@@ -1215,11 +1215,25 @@ def test_ppo_minibatches_of_an_uneven_rollout_and_seeds_past_procgens_range(tmp_
     assert lapo.Envs("bigfish", 1, lapo.SEED.bounds[2] + 20_000).reset().shape == (1, 64, 64, 3)
 
 
+def test_ppo_plays_levels_that_collection_did_not_record(tmp_path, monkeypatch):
+    """PPO (the expert, PPO from scratch, online decoding) at collect's seed must not replay the recorded levels: a
+    Procgen env's level sequence depends only on the seed and its index, and the latent policy was cloned on them."""
+    lapo.collect(lapo.parse_args(["collect", "--env", "bigfish", "--preset", "tiny", "--out", str(tmp_path / "d"),
+                                  "--frames", "64", "--test-frames", "64", "--num-envs", "4", "--chunk-len", "64",
+                                  "--test-chunk-len", "64"]))
+    firsts = [np.load(tmp_path / f"d/bigfish/{s}/0.npz")["obs"][::16] for s in ("train", "test")]  # each env's first
+    seen, real = [], lapo.Envs.reset
+    monkeypatch.setattr(lapo.Envs, "reset", lambda self: seen.append(real(self)) or seen[-1])
+    ppo_run(tmp_path / "ppo", monkeypatch, "--frames", "64")
+    assert seen[0].shape == (4, 64, 64, 3)
+    assert not any(np.array_equal(f, o) for f in np.concatenate(firsts) for o in seen[0])
+
+
 def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_change(tmp_path, monkeypatch):
     """What PPO's resume promises: the model, the optimizer, the reward normalizer, the learning curve and the extra
     state come back exactly as saved, and the run continues at the saved update and ends with the whole curve.
-    (Not promised: the same trajectory. The environments restart fresh, on seed + the update resumed at, and so does
-    the torch RNG: a resume never replays the run's first levels.)"""
+    (Not promised: the same trajectory. The environments restart fresh, on PPO's seed + the update resumed at, and so
+    does the torch RNG: a resume never replays the run's first levels.)"""
     real_save = lapo.save_atomic
     saved_a = []
     with monkeypatch.context() as mp:
@@ -1282,7 +1296,7 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
     same_state(ck["opt"], at_start["opt"], "optimizer at resume")
     assert not at_start["norm"]["ret"].any()  # fresh envs: the old episodes' running returns are dropped
     same_state({**ck["norm"], "ret": None}, {**at_start["norm"], "ret": None}, "reward normalizer at resume")
-    assert env_seeds == [0 + 1]  # seed 0 resumed after update 1: new levels, not the run's first ones again
+    assert env_seeds == [0 + 30_000 + 1]  # seed 0 resumed after update 1: new levels, not the run's first ones again
     assert isinstance(calls[0], tuple) and calls[0][0] == "load", calls  # loaded before any update
     same_state(ck["extra"], calls[0][1], "extra state at resume")
     assert calls[1:] == [1, 2] and state_c["n"] == 3  # continued at the saved update: two updates, not three
@@ -1712,7 +1726,10 @@ def test_cli_bad_input_is_one_line(pipeline, tmp_path):
              ("stage3", "--mode", "offline", "--preset", "tiny", "--data", data, "--out", tmp_path / "r3",
               "--labels", 10 ** 7),
              ("stage3", "--mode", "offline", "--preset", "tiny", "--out", run),  # no --data
-             ("eval", "--checkpoint", data / "train/0.npz")]
+             ("eval", "--checkpoint", data / "train/0.npz"),
+             ("collect", "--env", "bigfish", "--preset", "tiny", "--out", tmp_path / "f")]  # f/bigfish: a file
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f/bigfish").write_text("not a folder")
     one_line_error(run_cli(*cases[0], ok=False, process=True))
     for argv in cases[1:]:
         one_line_error(run_cli(*argv, ok=False))

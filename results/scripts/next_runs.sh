@@ -66,6 +66,16 @@ done
 for n in 1024 64; do for s in 0 1 2; do fork starpilot $s $n; done; done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
+# issue 36 on a game used for nothing else: chaser, random-policy data (no expert to train; the probe and the decoder
+# read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256 labels
+[ -f "$D/chaser/collect_summary.json" ] || python lapo.py collect --preset small --env chaser --out "$D"
+share run "$D/chaser" "$ROOT/s34/chaser" --seeds 0 --amp ""
+for s in 0 1 2; do
+  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup "${spread[@]}"; keep chaser
+  decode chaser off-s$s 256; fork chaser $s 256
+done
+python results/scripts/few_labels_report.py "$ROOT/s34/chaser" --labels 256 | tee "$ROOT/s34/chaser_labels.report.md"
+
 # issue 34: fp32 seeds 3-7, then bf16 seeds 1-7 where the host has bf16 units (a host without them cannot run these)
 for s in 3 4 5 6 7; do share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"
   keep starpilot; done
@@ -80,13 +90,3 @@ for r in "starpilot 0" "starpilot 1" "starpilot 2" "sprite 6" "sprite 3" "sprite
   share run "$D/$v" "$ROOT/s34/$v" --seeds "$s" --amp off --no-sup --script results/scripts/vq_knobs.py \
     --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep "$v" $([ "$v" = sprite ] && echo 0.908)
 done
-
-# issue 36 on a game used for nothing else: chaser, random-policy data (no expert to train; the probe and the decoder
-# read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256 labels
-[ -f "$D/chaser/collect_summary.json" ] || python lapo.py collect --preset small --env chaser --out "$D"
-share run "$D/chaser" "$ROOT/s34/chaser" --seeds 0 --amp ""
-for s in 0 1 2; do
-  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup "${spread[@]}"; keep chaser
-  decode chaser off-s$s 256; fork chaser $s 256
-done
-python results/scripts/few_labels_report.py "$ROOT/s34/chaser" --labels 256 | tee "$ROOT/s34/chaser_labels.report.md"
