@@ -37,7 +37,8 @@ def main():
     ap.add_argument("--labels", default="64,256,1024")
     a = ap.parse_args()
     names = sorted({d.rsplit("-s", 1)[0] for d in os.listdir(a.runs) if "-s" in d})
-    seeds = sorted({int(d.rsplit("-s", 1)[1]) for d in os.listdir(a.runs) if "-s" in d})
+    runs = [d.rsplit("-s", 1) for d in os.listdir(a.runs) if "-s" in d]  # the forks' seeds: every mean on the same
+    seeds = sorted({int(s) for n, s in runs if n.startswith("fork")} or {int(s) for _, s in runs})  # seeds as theirs
     probe = {n: {s: (read(a.runs, n, s, "stage1") or {}).get("probe_acc") for s in seeds} for n in names}
     print(f"{a.runs}: stage 1's probe per seed (seeds {seeds}), mean ± SE, and the paired difference from plain\n")
     print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SE | paired vs plain |")
@@ -47,7 +48,7 @@ def main():
         pairs = [probe[n][s] - probe["off"][s] for s in seeds if probe[n][s] is not None
                  and probe.get("off", {}).get(s) is not None]
         cells = " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
-        diff = fmt_stats(pairs) + f" (min {min(pairs):+.3f})" if pairs and n != "off" else ""
+        diff = fmt_stats(pairs) + f" (min {min(pairs):+.3f})" if pairs and n.startswith("fork") else ""
         print(f"| {n} | {cells} | {fmt_stats([v for v in vals if v is not None])} | {diff} |")
     print("\nOffline decoding at N labels (held-out accuracy; return): plain LAPO's decoder on N labeled windows "
           "against the fork's on the same N it saw in stage 1\n")

@@ -21,6 +21,9 @@ spread=(--script results/scripts/vq_knobs.py --flags "--log-spread 1")  # plain 
 decode() {  # issue 36: stages 2 and 3 (offline) on a finished stage-1 run $2 of video $1, at the labels $3, with the
   # run's seed (the fork's labeled windows are lapo.labeled_centres(train, N, seed): stage 3 at that seed reads them)
   local dir=$ROOT/s34/$1/$2 seed=${2##*-s}
+  if [ ! -f "$dir/stage1.pt" ] && [ ! -f "$dir/stage3_offline_summary.json" ]; then  # restored from the archive
+    echo "skip decoding $dir: its stage1.pt was not kept (delete $dir to train it again)"; return 0; fi
+  [ -f "$dir/stage3_offline_summary.json" ] || rm -f "$dir"/decoded_*.pt "$dir"/bc_*.pt  # stage 3 does not resume
   [ -f "$dir/stage2_summary.json" ] || python lapo.py stage2 --preset small --data "$D/$1" --out "$dir" \
     --seed "$seed" $([ -f "$dir/stage2.pt" ] && echo --resume)
   [ -f "$dir/stage3_offline_summary.json" ] || python lapo.py stage3 --mode offline --preset small --data "$D/$1" \
@@ -31,7 +34,8 @@ decode() {  # issue 36: stages 2 and 3 (offline) on a finished stage-1 run $2 of
 # finished runs come back from the repository's archive (their rows, summaries and metrics; not their checkpoints), so
 # a new checkout skips them
 for v in sprite starpilot chaser; do
-  if [ -d "results/s34/$v" ]; then mkdir -p "$ROOT/s34/$v"; cp -rn "results/s34/$v/." "$ROOT/s34/$v/"; fi
+  if [ -d "results/s34/$v" ]; then  # (|| true: cp -n exits 1 on a skipped file in coreutils 9.2+)
+    mkdir -p "$ROOT/s34/$v"; cp -rn "results/s34/$v/." "$ROOT/s34/$v/" || true; fi
 done
 
 # issue 34, sprite: bf16 belongs on hosts with bf16 units (AVX-512 BF16, AMX); fp32 anywhere (all 16 runs are done)
