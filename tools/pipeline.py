@@ -79,7 +79,7 @@ def step_kinds(text):
 
 def parse(argv=None):
     p = lapo.Parser(description=__doc__.split("\n")[0])  # its errors are LapoErrors: one line, exit 2
-    p.add_argument("--env", default="starpilot", help="Procgen game (the README explains the default)")
+    p.add_argument("--env", default="starpilot", help="Procgen game (starpilot: the game of the README's results)")
     p.add_argument("--preset", choices=lapo.PRESETS, default="small", help="scale of every step (small: a CPU)")
     p.add_argument("--seeds", type=seed_list, default=[0], help="seeds, comma-separated (default 0); the first "
                    f"one also trains the expert and collects the data [each {lapo.SEED.range}]")
