@@ -94,3 +94,6 @@ for r in "starpilot 0" "starpilot 1" "starpilot 2" "sprite 6" "sprite 3" "sprite
   share run "$D/$v" "$ROOT/s34/$v" --seeds "$s" --amp off --no-sup --script results/scripts/vq_knobs.py \
     --flags "--log-spread 1 --lr 3e-4" --name lr3e-4; keep "$v" $([ "$v" = sprite ] && echo 0.908)
 done
+
+# every run so far, one figure (issue 34): results/s34/share.png
+python results/scripts/share_plot.py results/s34/share.png
