@@ -33,7 +33,7 @@ decode() {  # issue 36: stages 2 and 3 (offline) on a finished stage-1 run $2 of
 
 # finished runs come back from the repository's archive (their rows, summaries and metrics; not their checkpoints), so
 # a new checkout skips them
-for v in sprite starpilot chaser; do
+for v in sprite starpilot chaser bossfight; do
   if [ -d "results/s34/$v" ]; then  # (|| true: cp -n exits 1 on a skipped file in coreutils 9.2+)
     mkdir -p "$ROOT/s34/$v"; cp -rn "results/s34/$v/." "$ROOT/s34/$v/" || true; fi
 done
@@ -70,15 +70,21 @@ done
 for n in 1024 64; do for s in 0 1 2; do fork starpilot $s $n; done; done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
-# issue 36 on a game used for nothing else: chaser, random-policy data (no expert to train; the probe and the decoder
-# read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256 labels
-[ -f "$D/chaser/collect_summary.json" ] || python lapo.py collect --preset small --env chaser --out "$D"
-share run "$D/chaser" "$ROOT/s34/chaser" --seeds 0 --amp ""
+# issue 36 on a game used for nothing else: bossfight, random-policy data (no expert to train; the probe and the
+# decoder read any policy's actions, though a latent policy cloned from random play plays randomly), the fork at 256
+# labels. (Chaser came first, and its supervised IDM on random play read 0.17 of the actions against a majority of
+# 0.06: too little shows for a comparison, so it stopped there, before any plain or fork run; results/s34/chaser.)
+# The queue stops here when bossfight's ceiling is as low (less than 0.15 above its majority class).
+[ -f "$D/bossfight/collect_summary.json" ] || python lapo.py collect --preset small --env bossfight --out "$D"
+share run "$D/bossfight" "$ROOT/s34/bossfight" --seeds 0 --amp ""
+python -c "import json, sys; s = json.load(open(sys.argv[1])); m = s['probe_acc'] - s['probe_majority']
+sys.exit(f'bossfight: the ceiling is {m:.3f} above majority: choose another game' if m < 0.15 else 0)" \
+  "$ROOT/s34/bossfight/sup-s0/stage1_summary.json"
 for s in 0 1 2; do
-  share run "$D/chaser" "$ROOT/s34/chaser" --seeds $s --amp off --no-sup "${spread[@]}"; keep chaser
-  decode chaser off-s$s 256; fork chaser $s 256
+  share run "$D/bossfight" "$ROOT/s34/bossfight" --seeds $s --amp off --no-sup "${spread[@]}"; keep bossfight
+  decode bossfight off-s$s 256; fork bossfight $s 256
 done
-python results/scripts/few_labels_report.py "$ROOT/s34/chaser" --labels 256 | tee "$ROOT/s34/chaser_labels.report.md"
+python results/scripts/few_labels_report.py "$ROOT/s34/bossfight" --labels 256 | tee "$ROOT/s34/bossfight.report.md"
 
 # issue 34: bf16 seeds 1-7 first where the host has bf16 units (a host without them cannot run these), fp32 seeds 3-7
 if [ "$bf16" = 1 ]; then for s in 1 2 3 4 5 6 7; do

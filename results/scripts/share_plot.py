@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--ceiling", action="append", default=["sprite=0.908"], help="VIDEO=PROBE, where no sup-s* run")
     a = ap.parse_args()
     given = {k: float(v) for k, v in (c.split("=") for c in a.ceiling)}
-    videos = [v for v in ("sprite", "starpilot", "chaser") if os.path.isdir(os.path.join(S34, v))]
+    videos = [v for v in ("sprite", "starpilot", "bossfight") if set(rows(v)) - {"sup"}]  # (chaser: a ceiling only)
     fig, axes = plt.subplots(2, len(videos), figsize=(5 * len(videos), 7), squeeze=False)
     for col, video in enumerate(videos):
         runs = rows(video)
