@@ -315,7 +315,7 @@ def collect(args):
     part = f"{root}.partial"  # written here and renamed to root once complete: no stage reads half a collection
     if os.path.exists(part):
         raise LapoError(f"{part} holds an interrupted collection; delete it and run the same command again")
-    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise LapoError(f"{root} already exists and is not an empty folder; delete it or choose another --out")
     args.on_interrupt = (f"collection does not resume: its chunks so far are in {part}, which no stage reads; delete "
                          "it and run the same command again")

@@ -36,9 +36,9 @@ def main():
     ap.add_argument("runs")
     ap.add_argument("--labels", default="64,256,1024")
     a = ap.parse_args()
-    names = sorted({d.rsplit("-s", 1)[0] for d in os.listdir(a.runs) if "-s" in d})
-    runs = [d.rsplit("-s", 1) for d in os.listdir(a.runs) if "-s" in d]  # the forks' seeds: every mean on the same
-    seeds = sorted({int(s) for n, s in runs if n.startswith("fork")} or {int(s) for _, s in runs})  # seeds as theirs
+    runs = [d.rsplit("-s", 1) for d in os.listdir(a.runs) if "-s" in d]
+    names = sorted({n for n, _ in runs})  # every mean over the forks' seeds (plain stage 1 may have more)
+    seeds = sorted({int(s) for n, s in runs if n.startswith("fork")} or {int(s) for _, s in runs})
     probe = {n: {s: (read(a.runs, n, s, "stage1") or {}).get("probe_acc") for s in seeds} for n in names}
     print(f"{a.runs}: stage 1's probe per seed (seeds {seeds}), mean ± SE, and the paired difference from plain\n")
     print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SE | paired vs plain |")

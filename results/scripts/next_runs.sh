@@ -47,11 +47,17 @@ for s in 5 6 7 0 1 2 3 4; do share run "$D/sprite" "$ROOT/s34/sprite" --seeds $s
 
 # issue 34 and 36, starpilot: the expert and its data. The expert is only the data's source, so it trains in bf16 where
 # the host has bf16 units: 330 against 168 frames/s in fp32 on an Intel Xeon with AMX (model 167), 24 min on model 17
-mkdir -p "$ROOT/s34"; [ -d "$ROOT/s34/expert" ] || cp -r results/s34/expert "$ROOT/s34/"  # the committed expert
-[ -f "$ROOT/s34/expert/expert_summary.json" ] || python lapo.py expert --preset small --env starpilot \
-  --out "$ROOT/s34/expert" $([ -f "$ROOT/s34/expert/expert.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
-[ -f "$D/starpilot/collect_summary.json" ] || python lapo.py collect --preset small --env starpilot \
-  --policy "$ROOT/s34/expert/expert.pt" --out "$D"
+expert_data() {  # a `small` expert on game $1 in $ROOT/s34/$2 (restored from, and kept in, results/s34/$2; resumed
+  # when interrupted), then its data in $D/$1
+  local x=$ROOT/s34/$2
+  mkdir -p "$ROOT/s34"; [ -d "$x" ] || [ ! -d "results/s34/$2" ] || cp -r "results/s34/$2" "$x"
+  [ -f "$x/expert_summary.json" ] || python lapo.py expert --preset small --env "$1" --out "$x" \
+    $([ -f "$x/expert.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
+  mkdir -p "results/s34/$2"; cp "$x"/{expert.pt,expert_summary.json,metrics.jsonl} "results/s34/$2/"
+  [ -f "$D/$1/collect_summary.json" ] || python lapo.py collect --preset small --env "$1" --policy "$x/expert.pt" \
+    --out "$D"
+}
+expert_data starpilot expert
 share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp ""  # the ceiling alone (it takes no --log-spread)
 if [ "$bf16" = 1 ]; then  # bf16 seed 0 (run on the AMX host, 2026-12-03; seeds 1-7 come after issue 36's runs)
   share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds 0 --amp on --no-sup "${spread[@]}"; keep starpilot; fi
@@ -75,14 +81,7 @@ python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s
 # nothing above majority (0.079) on bossfight, so both stopped at their ceiling, before any plain or fork run
 # (results/s34/chaser, results/s34/bossfight-random). The expert trains in bf16 where the host has bf16 units, and is
 # kept in results/s34/expert-bossfight. The block is skipped when the ceiling is less than 0.15 above majority.
-X=$ROOT/s34/expert-bossfight
-[ -d "$X" ] || [ ! -d results/s34/expert-bossfight ] || cp -r results/s34/expert-bossfight "$X"
-[ -f "$X/expert_summary.json" ] || python lapo.py expert --preset small --env bossfight --out "$X" \
-  $([ -f "$X/expert.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
-mkdir -p results/s34/expert-bossfight
-cp "$X"/{expert.pt,expert_summary.json,metrics.jsonl} results/s34/expert-bossfight/
-[ -f "$D/bossfight/collect_summary.json" ] || python lapo.py collect --preset small --env bossfight \
-  --policy "$X/expert.pt" --out "$D"
+expert_data bossfight expert-bossfight
 share run "$D/bossfight" "$ROOT/s34/bossfight" --seeds 0 --amp ""
 if python -c "import json, sys; s = json.load(open(sys.argv[1])); m = s['probe_acc'] - s['probe_majority']
 sys.exit(f'bossfight: the ceiling is {m:.3f} above majority: skipped' if m < 0.15 else 0)" \

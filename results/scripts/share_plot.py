@@ -37,10 +37,11 @@ def main():
     ap.add_argument("--ceiling", action="append", default=["sprite=0.908"], help="VIDEO=PROBE, where no sup-s* run")
     a = ap.parse_args()
     given = {k: float(v) for k, v in (c.split("=") for c in a.ceiling)}
-    videos = [v for v in ("sprite", "starpilot", "bossfight") if set(rows(v)) - {"sup"}]  # (chaser: a ceiling only)
+    every = {v: rows(v) for v in ("sprite", "starpilot", "bossfight")}  # (chaser: a ceiling only)
+    videos = [v for v, runs in every.items() if set(runs) - {"sup"}]
     fig, axes = plt.subplots(2, len(videos), figsize=(5 * len(videos), 7), squeeze=False)
     for col, video in enumerate(videos):
-        runs = rows(video)
+        runs = every[video]
         sup = runs.pop("sup", {})
         ceiling = given.get(video) or sum(r["probe_acc"] for r in sup.values()) / max(1, len(sup))
         share = lambda r, p: (p - r["probe_majority"]) / (ceiling - r["probe_majority"])  # noqa: E731
@@ -50,10 +51,10 @@ def main():
             found = sum(v >= 0.8 for v in vals)
             top.scatter([i] * len(vals), vals, s=18, alpha=0.7, color=f"C{i}")
             top.annotate(f"{found}/{len(vals)}", (i, 1.05), ha="center", fontsize=8)
-            for r in seeds.values():
+            for j, r in enumerate(seeds.values()):
                 steps, probes = zip(*r["curve"])
                 bottom.plot(steps, [share(r, p) for p in probes], color=f"C{i}", alpha=0.6, lw=1,
-                            label=label(name) if r is next(iter(seeds.values())) else None)
+                            label=None if j else label(name))
         top.set_xticks(range(len(runs)), [label(n) for n in sorted(runs)], rotation=20, fontsize=8)
         for ax in (top, bottom):
             ax.axhline(0.8, color="k", ls="--", lw=0.8)
