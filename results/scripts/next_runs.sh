@@ -52,7 +52,7 @@ expert_data() {  # a `small` expert on game $1 in $ROOT/s34/$2 (restored from, a
   local x=$ROOT/s34/$2
   mkdir -p "$ROOT/s34"; [ -d "$x" ] || [ ! -d "results/s34/$2" ] || cp -r "results/s34/$2" "$x"
   [ -f "$x/expert_summary.json" ] || python lapo.py expert --preset small --env "$1" --out "$x" \
-    $([ -f "$x/expert.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
+    $([ -f "$x/expert_state.pt" ] && echo --resume) $([ "$bf16" = 1 ] && echo --amp on)
   mkdir -p "results/s34/$2"; cp "$x"/{expert.pt,expert_summary.json,metrics.jsonl} "results/s34/$2/"
   [ -f "$D/$1/collect_summary.json" ] || python lapo.py collect --preset small --env "$1" --policy "$x/expert.pt" \
     --out "$D"
