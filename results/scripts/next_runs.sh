@@ -68,11 +68,11 @@ fork() {  # on video $1, the fork at $3 stage-1 labels, seed $2, then its stages
   share run "$D/$1" "$ROOT/s34/$1" --seeds "$2" --amp off --no-sup --script examples/few_labels.py \
     --flags "--stage1-labels $3" --name "fork$3"; keep "$1"; decode "$1" "fork${3}_off-s$2" "$3"
 }
-for s in 0 1 2; do
-  share run "$D/starpilot" "$ROOT/s34/starpilot" --seeds $s --amp off --no-sup "${spread[@]}"; keep starpilot
-  decode starpilot off-s$s 64,256,1024
-  fork starpilot $s 256
-done
+plain_then_fork() {  # on video $1, seed $2: plain stage 1 in fp32, decoded at the labels $3, then the fork at 256
+  share run "$D/$1" "$ROOT/s34/$1" --seeds "$2" --amp off --no-sup "${spread[@]}"; keep "$1"
+  decode "$1" "off-s$2" "$3"; fork "$1" "$2" 256
+}
+for s in 0 1 2; do plain_then_fork starpilot $s 64,256,1024; done
 for n in 1024 64; do for s in 0 1 2; do fork starpilot $s $n; done; done
 python results/scripts/few_labels_report.py "$ROOT/s34/starpilot" | tee "$ROOT/s34/few_labels.report.md"
 
@@ -88,10 +88,7 @@ share run "$D/bossfight" "$ROOT/s34/bossfight" --seeds 0 --amp ""
 if python -c "import json, sys; s = json.load(open(sys.argv[1])); m = s['probe_acc'] - s['probe_majority']
 sys.exit(f'bossfight: the ceiling is {m:.3f} above majority: skipped' if m < 0.10 else 0)" \
   "$ROOT/s34/bossfight/sup-s0/stage1_summary.json"; then
-  for s in 0 1 2; do
-    share run "$D/bossfight" "$ROOT/s34/bossfight" --seeds $s --amp off --no-sup "${spread[@]}"; keep bossfight
-    decode bossfight off-s$s 256; fork bossfight $s 256
-  done
+  for s in 0 1 2; do plain_then_fork bossfight $s 256; done
   python results/scripts/few_labels_report.py "$ROOT/s34/bossfight" --labels 256 | tee "$ROOT/s34/bossfight.report.md"
 fi
 
