@@ -366,8 +366,8 @@ def collect(args):
 
 def _npz_member(z, key):
     """Open array `key` of an open .npz (zip) and read its .npy header. -> (file at the data, shape, fortran, dtype)"""
-    f = z.open(f"{key}.npy")
-    shape, fortran, dtype = np.lib.format._read_array_header(f, np.lib.format.read_magic(f))
+    f, fmt = z.open(f"{key}.npy"), np.lib.format  # (public readers: numpy 2.5 dropped _read_array_header)
+    shape, fortran, dtype = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0)(f)
     return f, shape, fortran, dtype
 
 class FrameData:

@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import signal
@@ -319,6 +320,12 @@ def test_load_split_is_one_contiguous_uint8_array(tmp_path, capsys):
     data = lapo.load_split(str(tmp_path / "g"), "train")
     assert data.ta is None and len(data) == 200
     assert "only 3 of 4 chunks" in capsys.readouterr().out
+
+
+def test_numpy_is_used_through_its_public_api():
+    """numpy 2.5 removed np.lib.format._read_array_header, which load_split called (seen on a lent GPU's image)."""
+    with open(lapo.__file__) as f:
+        assert not re.findall(r"\bnp(?:\.\w+)*\._\w+", f.read())
 
 
 def test_bad_data_gives_one_line_errors(tmp_path):
