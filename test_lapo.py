@@ -491,22 +491,21 @@ def few_labels_pair(tmp_path, seed, labels, steps=200):
     """Plain stage 1 and the fork at `labels` (few_labels_run), side by side in two forked copies of this process on
     one thread each: on 2 cores 22 s in all, against 36 s one after the other on 2 threads (a run on 1 thread is only
     1.2x slower at this size). -> (plain's summary, the fork's summary, --data, the fork's --out)"""
-    few_labels_video(tmp_path, seed)  # (written before the fork: the two would race for it)
+    data = few_labels_video(tmp_path, seed)  # (written before the fork: the two would race for it)
 
-    def run(labels):
-        torch.set_num_threads(1)
-        summary = few_labels_run(tmp_path, seed, labels, steps=steps)[0]
-        with open(tmp_path / f"summary{labels}.json", "w") as f:
-            json.dump(summary, f)
-    fork = multiprocessing.get_context("fork")
-    runs = [fork.Process(target=run, args=(n,)) for n in (0, labels)]
+    def run(n):
+        with one_thread():
+            summary = few_labels_run(tmp_path, seed, n, steps=steps)[0]
+        (tmp_path / f"summary{n}.json").write_text(json.dumps(summary))
+    ctx = multiprocessing.get_context("fork")
+    runs = [ctx.Process(target=run, args=(n,)) for n in (0, labels)]
     for p in runs:
         p.start()
     for p in runs:
         p.join()
     assert [p.exitcode for p in runs] == [0, 0]
     plain, fork = (json.loads((tmp_path / f"summary{n}.json").read_text()) for n in (0, labels))
-    return plain, fork, tmp_path / "vid", tmp_path / f"fork{labels}"
+    return plain, fork, data, tmp_path / f"fork{labels}"
 
 
 def test_a_fork_with_few_labels_in_stage1_beats_plain_stage1_and_feeds_lapos_later_stages(tmp_path):

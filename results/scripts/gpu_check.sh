@@ -2,10 +2,10 @@
 # The checks for a lent GPU, in one call (the lease is 15 minutes, its start included): bench at `paper`, a real
 # `paper` stage-1 run for its throughput and its own estimate of 50,000 steps, and the test suite with CUDA visible.
 # Each part has its own time limit; everything goes to $OUT. Procgen and gym are not on the GPU machine's image:
-# carry them as wheels in .whl (gym, gym3, gym_notices, cffi, pycparser, procgen-mirror for Python 3.12), and Procgen's
-# libGL.so.1 as Debian packages in .gl (libgl1, libglvnd0, libglx0, libglx-mesa0, libglib2.0-0,
-# libpcre2-8-0, libffi8); the device tool's README says how
-# to fetch both. SUITE=0 skips the suite. E.g. through the device tool:
+# carry them as wheels in .whl (gym, gym3, gym_notices, cffi, pycparser, procgen-mirror for Python 3.12), and the
+# system libraries Procgen loads (libGL.so.1, libgthread-2.0.so.0) as Debian packages in .gl (libgl1, libglvnd0,
+# libglx0, libglx-mesa0, libglib2.0-0, libpcre2-8-0, libffi8); the device tool's README says how to fetch both.
+# SUITE=0 skips the suite. E.g. through the device tool:
 #
 #   run(command="bash results/scripts/gpu_check.sh", carry=[".whl", ".gl"], timeout_s=570)
 set -u
@@ -33,4 +33,5 @@ timeout 100 python3 lapo.py stage1 --preset paper --data $D/starpilot --out /tmp
 
 [ "${SUITE:-1}" = 0 ] && exit 0
 echo "== the suite with CUDA visible (av is not on the image: its tests skip)"
-timeout 170 python3 -m pytest -q -n 12 -p no:cacheprovider --tb=line -rfE test_lapo.py > "$OUT/pytest.log" 2>&1; tail -40 "$OUT/pytest.log"
+timeout 170 python3 -m pytest -q -n 12 -p no:cacheprovider --tb=line -rfE test_lapo.py > "$OUT/pytest.log" 2>&1
+tail -40 "$OUT/pytest.log"
