@@ -1,25 +1,13 @@
 #!/usr/bin/env bash
 # The checks for a lent GPU, in one call (the lease is 15 minutes, its start included): bench at `paper`, a real
 # `paper` stage-1 run for its throughput and its own estimate of 50,000 steps, and the test suite with CUDA visible.
-# Each part has its own time limit; everything goes to $OUT. Procgen and gym are not on the GPU machine's image:
-# carry them as wheels in .whl (gym, gym3, gym_notices, cffi, pycparser, procgen-mirror for Python 3.12), and the
-# system libraries Procgen loads (libGL.so.1, libgthread-2.0.so.0) as Debian packages in .gl (libgl1, libglvnd0,
-# libglx0, libglx-mesa0, libglib2.0-0, libpcre2-8-0, libffi8); the device tool's README says how to fetch both.
-# SUITE=0 skips the suite. E.g. through the device tool:
+# Each part has its own time limit; everything goes to $OUT. gpu_env.sh installs Procgen and gym (see there for
+# what to carry). SUITE=0 skips the suite. E.g. through the device tool:
 #
 #   run(command="bash results/scripts/gpu_check.sh", carry=[".whl", ".gl"], timeout_s=570)
 set -u
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .gl ]; then for f in .gl/*.deb; do dpkg -x "$f" /tmp/glroot; done  # beside the system's, not over them
-  export LD_LIBRARY_PATH=/tmp/glroot/usr/lib/x86_64-linux-gnu:/tmp/glroot/lib/x86_64-linux-gnu; fi
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; lscpu | grep "Model name"
-  python3 -c "import torch, procgen, gym, numpy; print('torch', torch.__version__, torch.cuda.get_device_name(0),
-'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+OUT=${OUT:-/tmp/gpu_check}
+. "$(dirname "$0")/gpu_env.sh"
 
 echo "== bench --preset paper --device cuda"
 timeout 150 python3 tools/bench.py --preset paper --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
