@@ -502,6 +502,9 @@ def few_labels_pair(tmp_path, seed, labels, steps=200):
     for p in runs:
         p.start()
     for p in runs:
+        p.join(300)  # ~27 s on 2 cores: a hung run fails the test (exit code -9) instead of hanging the suite
+    for p in runs:
+        p.kill()
         p.join()
     assert [p.exitcode for p in runs] == [0, 0]
     plain, fork = (json.loads((tmp_path / f"summary{n}.json").read_text()) for n in (0, labels))
