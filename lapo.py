@@ -869,7 +869,7 @@ def run_stage(stage, build, args, train, test):
     ck = resume_checkpoint(os.path.join(args.out, f"{stage}.pt"), stage, args)  # its refusals, before any work
     rank, ranks = ddp_start(args, stage, ck)  # under torchrun: the ranks meet (each made the same checks)
     device, train_data = get_device(args), train or load_split(args.data, "train", args.max_chunks, rank, ranks)
-    test_data = test or load_split(args.data, "test")
+    test_data = test or load_split(args.data, "test", 1 if rank else None)  # rank 0 alone evaluates: all of it
     modules, opt, lr_fn, train_step, evaluate = build(args, train_data, test_data, device)
     summary = train_loop(stage, args, modules, opt, lr_fn, train_step, evaluate, vars(args)[f"{stage}_steps"], ck)
     if rank == 0:

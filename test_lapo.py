@@ -2198,12 +2198,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
-    """4 train chunks and a test split without actions (no probe: the evaluation is the test loss), and a one-process
-    stage-1 run on them, which also warms this process up for the ranks forked from it. -> (data, run folder)"""
+    """4 train chunks and a test split of 2 chunks without actions (no probe: the evaluation is the test loss), and a
+    one-process stage-1 run on them, which also warms this process up for the ranks forked from it.
+    -> (data, run folder)"""
     root = tmp_path_factory.mktemp("ddp")
     for i in range(4):
         write_chunk(str(root / f"g/train/{i}.npz"), 96, seed=i)
-    write_chunk(str(root / "g/test/0.npz"), 128, with_ta=False, seed=99)
+    for i in range(2):
+        write_chunk(str(root / f"g/test/{i}.npz"), 64, with_ta=False, seed=98 + i)
     with one_thread():
             lapo.stage1(lapo.parse_args(["stage1", *map(str, DDP_FLAGS), "--data", str(root / "g"), "--out",
                                      str(root / "one"), "--stage1-steps", "1"]))
@@ -2332,9 +2334,9 @@ def test_two_ranks_agree_read_their_own_chunks_rank0_alone_writes_and_resume_is_
     for a, b in zip(*(s["modules"] for s in seen)):  # weights and codebooks agree bit for bit after 6 steps
         for k in a:
             assert "running_" in k or torch.equal(a[k], b[k]), k  # (BatchNorm's running statistics: each rank's)
-    for r, s in enumerate(seen):  # each rank read only its chunks (and the test split)
+    for r, s in enumerate(seen):  # each rank read only its train chunks; of the test split, rank 0 (which evaluates)
         assert {os.path.relpath(p, data) for p in s["read"] if p.startswith(str(data))} == \
-            {"test/0.npz", f"train/{r}.npz", f"train/{r + 2}.npz"}, s["read"]
+            {"test/0.npz", *["test/1.npz"] * (r == 0), f"train/{r}.npz", f"train/{r + 2}.npz"}, s["read"]  # all
         assert not [w for w in s["warnings"] if "deprecated" in w], s["warnings"]
     assert not [p for p in seen[1]["wrote"] if p.startswith(f"{tmp_path / 'a'}{os.sep}")]  # rank 1 wrote nothing
     assert seen[1]["ckpts"] == []  # (--out's check opens a nameless file in it: every rank's argument check)
