@@ -1,21 +1,25 @@
 """Issue 36: the fork (examples/few_labels.py) against plain LAPO on the same data, budget and seeds.
 
-    python results/scripts/few_labels_report.py RUNS [--labels 64,256,1024]
+    python results/scripts/few_labels_report.py RUNS [--labels 64,256,1024] [--data DATA_ROOT/GAME]
 
 RUNS holds <name>-s<seed> run folders: off-s* (plain `lapo.py stage1`, fp32), fork<N>_off-s* (the fork with N
 stage-1 labels, fp32: `stage1_share.py run ... --name fork<N>`), sup-s* (tools/diagnose.py supervised-idm, the
 ceiling). Prints per seed and as mean ± SE: stage 1's probe, the fork's paired difference from plain stage 1 (same
 seed), and, where `lapo.py stage2` and `stage3 --mode offline` ran in a folder, the offline decoder's held-out
 accuracy and return at N labels: plain LAPO decoding with N labels against the fork decoding with the same N windows
-it saw in stage 1 (equal total labels).
+it saw in stage 1 (equal total labels). With --data, also the majority class of the decoders' held-out windows
+(lapo.heldout_centres of the test split), the accuracy a decoder that ignores its input reaches.
 """
 import argparse
 import json
 import os
 import sys
 
+import torch
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import lapo  # noqa: E402
 from pipeline import fmt_stats  # noqa: E402
 
 
@@ -35,6 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs")
     ap.add_argument("--labels", default="64,256,1024")
+    ap.add_argument("--data", help="the game folder: also print the decoders' held-out majority class")
     a = ap.parse_args()
     runs = [d.rsplit("-s", 1) for d in os.listdir(a.runs) if "-s" in d]
     names = sorted({n for n, _ in runs})  # every mean over the forks' seeds (plain stage 1 may have more)
@@ -50,8 +55,13 @@ def main():
         cells = " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
         diff = fmt_stats(pairs) + f" (min {min(pairs):+.3f})" if pairs and n.startswith("fork") else ""
         print(f"| {n} | {cells} | {fmt_stats([v for v in vals if v is not None])} | {diff} |")
+    majority = ""
+    if a.data:
+        test = lapo.load_split(a.data, "test")
+        y = test.labels(lapo.heldout_centres(test))
+        majority = f" (the held-out windows' majority class: {torch.bincount(y).max().item() / len(y):.3f})"
     print("\nOffline decoding at N labels (held-out accuracy; return): plain LAPO's decoder on N labeled windows "
-          "against the fork's on the same N it saw in stage 1\n")
+          f"against the fork's on the same N it saw in stage 1{majority}\n")
     print("| N | plain acc | fork acc | paired acc | plain return | fork return | paired return |")
     print("|---|---|---|---|---|---|---|")
     for n in map(int, a.labels.split(",")):
