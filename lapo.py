@@ -51,13 +51,11 @@ SCORES = {"bigfish": (0.874, 36.336), "bossfight": (0.046, 11.634), "caveflyer":
           "chaser": (0.663, 9.956), "climber": (2.224, 10.234), "coinrun": (2.705, 9.933),
           "dodgeball": (0.613, 13.487), "fruitbot": (-2.533, 29.925), "heist": (3.076, 9.685),
           "jumper": (3.411, 8.460), "leaper": (2.511, 7.408), "maze": (4.273, 9.969),
-          "miner": (1.251, 11.893), "ninja": (2.560, 9.475), "plunder": (4.321, 11.461),
-          "starpilot": (1.525, 66.986)}
+          "miner": (1.251, 11.893), "ninja": (2.560, 9.475), "plunder": (4.321, 11.461), "starpilot": (1.525, 66.986)}
 
-# Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is
-# the authors' release (meant for a GPU), `small` is sized for an hour on a 2-core CPU and turns on the one module
-# deviation that measurably helps there (README 'Deviations'), `tiny` takes seconds, in fp32 on every CPU
-# (tests). Explicit flags override the preset. `--help` shows all three.
+# Every flag of every command, in one table. P(paper, small, tiny) is a flag's value under each preset: `paper` is the
+# authors' release (for a GPU), `small` is sized for an hour on a 2-core CPU with the one module deviation that
+# measurably helps there (README 'Deviations'), `tiny` takes seconds (tests). Explicit flags win; see `--help`.
 PRESETS = ("paper", "small", "tiny")
 
 class P(tuple):
@@ -106,6 +104,7 @@ flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: 
      choices=PRESETS)
 flag("--seed", ALL, SEED, 0, "seed of everything; same seed, same result (to float rounding)")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
+flag("--torch-deterministic", ALL, int, 1, "1: a seed's run repeats and resumes exactly on CUDA too; 0: faster", **BIT)
 flag("--amp", ALL, None, "off", "bf16 autocast; auto: on for CUDA and CPUs with bf16 units (small: off, as bf16 "
      "found the action no more often; results log)", choices=("auto", "on", "off"))
 flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
@@ -209,11 +208,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 def get_device(args):
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise LapoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(args.device)
+    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    if cuda:  # deterministic kernels (lapo's CPU runs repeat without); cuBLAS reads this before its first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(bool(getattr(args, "torch_deterministic", 1)), warn_only=True)
+    return torch.device("cuda" if cuda else "cpu")
 
 def bf16_fast(device):
     """Does this device run bf16 fast: a GPU or a CPU with bf16 units (Ampere or later; AMX or AVX512-BF16)?"""
@@ -1571,7 +1572,7 @@ def load_checkpoint(path, kinds):
 # Flags that may differ when a run is resumed: where it runs, its precision, its logging (same flags, same result).
 RUNTIME_KEYS = {"cmd", "preset", "device", "resume", "out", "data", "log_every", "ckpt_every", "amp", "max_chunks",
                 "eval_every", "ckpt_every_updates", "eval_episodes", "eval_max_steps", "greedy", "expert_return",
-                "func", "episodes", "track", "wandb_project", "wandb_entity"}
+                "func", "episodes", "track", "wandb_project", "wandb_entity", "torch_deterministic"}
 
 def config_of(args):
     return {k: v for k, v in vars(args).items() if k != "func"}
@@ -1669,8 +1670,7 @@ def parse_args(argv=None):
     for k, v in list(vars(args).items()):
         if isinstance(v, P):
             setattr(args, k, v[PRESETS.index(args.preset)])
-    if args.cmd == "stage1" and (args.latent_dim % args.code_dim
-                                 or (args.latent_dim // args.code_dim) % args.num_codebooks):
+    if args.cmd == "stage1" and args.latent_dim % (args.code_dim * args.num_codebooks):  # equal vectors per codebook
         raise LapoError("stage1: --latent-dim must split into --code-dim vectors, an equal number per codebook "
                         f"(got {args.latent_dim} / {args.code_dim} over {args.num_codebooks} codebooks)")
     if args.cmd == "stage3" and args.mode == "offline" and args.data is None:

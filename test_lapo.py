@@ -1346,13 +1346,24 @@ def test_ppo_resume_restores_the_saved_state_and_refuses_overwrite_or_config_cha
 # ---------------------------------------------------------------------------------------------- precision
 def test_gpu_only_choices_with_the_gpu_mocked(monkeypatch):
     """What runs only on a GPU, checked with CUDA's answers mocked: --amp auto takes bf16 only on a GPU with bf16 units
-    (not emulated: a T4 or V100 would crawl). Where the frames go on a GPU is tested with the memory checks."""
+    (not emulated: a T4 or V100 would crawl); deterministic kernels unless --torch-deterministic 0 (stage 1 on an H200
+    repeats a run bit for bit with them, not without: results/README.md). Where the frames go on a GPU is tested with
+    the memory checks."""
     cuda, asked = torch.device("cuda"), []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
         including_emulation) or not including_emulation and has_bf16)
     for has_bf16 in (True, False):
         assert lapo.bf16_fast(cuda) is has_bf16
     assert asked == [False, False]
+    # --torch-deterministic (on by default): deterministic kernels on CUDA, with cuBLAS's setting; on CPUs left alone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    det = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only: det.append((on, warn_only)))
+    for flags in (["--device", "cuda"], ["--device", "auto", "--torch-deterministic", "0"], ["--device", "cpu"]):
+        device = lapo.get_device(lapo.parse_args(["eval", "--checkpoint", "x.pt", *flags]))
+        assert device.type == ("cpu" if "cpu" in flags else "cuda"), flags
+    assert det == [(True, True), (False, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 def test_seeded_side_streams_leave_the_training_stream_alone():
