@@ -104,7 +104,7 @@ flag("--preset", ALL, None, "paper", "paper: the authors' release (GPU); small: 
      choices=PRESETS)
 flag("--seed", ALL, SEED, 0, "seed of everything; same seed, same result (to float rounding)")
 flag("--device", ALL, None, "auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
-flag("--torch-deterministic", ALL, int, 1, "1: a seed's run repeats and resumes exactly on CUDA too; 0: faster", **BIT)
+flag("--torch-deterministic", ALL, int, 1, "1: on CUDA too, stages 1-2 repeat and resume exactly; 0: CUDA's own", **BIT)
 flag("--amp", ALL, None, "off", "bf16 autocast; auto: on for CUDA and CPUs with bf16 units (small: off, as bf16 "
      "found the action no more often; results log)", choices=("auto", "on", "off"))
 flag("--out", "collect", None, "data", "data root: writes <out>/<env>/{train,test}/<i>.npz")
@@ -211,7 +211,7 @@ def get_device(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise LapoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-    if cuda:  # deterministic kernels (lapo's CPU runs repeat without); cuBLAS reads this before its first call
+    if cuda:  # deterministic kernels (lapo's CPU runs repeat without); cuBLAS reads this once, so set with 0 too
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(bool(getattr(args, "torch_deterministic", 1)), warn_only=True)
     return torch.device("cuda" if cuda else "cpu")

@@ -501,8 +501,9 @@ def few_labels_pair(tmp_path, seed, labels, steps=200):
     runs = [ctx.Process(target=run, args=(n,)) for n in (0, labels)]
     for p in runs:
         p.start()
+    deadline = time.monotonic() + 300  # ~27 s on 2 cores: a hung run fails the test (exit code -9), not the suite
     for p in runs:
-        p.join(300)  # ~27 s on 2 cores: a hung run fails the test (exit code -9) instead of hanging the suite
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in runs:
         p.kill()
         p.join()
@@ -1357,12 +1358,14 @@ def test_gpu_only_choices_with_the_gpu_mocked(monkeypatch):
     assert asked == [False, False]
     # --torch-deterministic (on by default): deterministic kernels on CUDA, with cuBLAS's setting; on CPUs left alone
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # (so that the test's end removes what get_device sets)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     det = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only: det.append((on, warn_only)))
-    for flags in (["--device", "cuda"], ["--device", "auto", "--torch-deterministic", "0"], ["--device", "cpu"]):
+    for flags in (["--device", "cpu"], ["--device", "cuda"], ["--device", "auto", "--torch-deterministic", "0"]):
         device = lapo.get_device(lapo.parse_args(["eval", "--checkpoint", "x.pt", *flags]))
         assert device.type == ("cpu" if "cpu" in flags else "cuda"), flags
+        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is (device.type == "cuda"), flags
     assert det == [(True, True), (False, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 

@@ -31,6 +31,8 @@ def parse(argv=None):
     p.add_argument("--preset", choices=lapo.PRESETS, default="paper", help="configuration to time")
     p.add_argument("--seed", type=lapo.SEED, default=0, help=f"seed [{lapo.SEED.range}]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    p.add_argument("--torch-deterministic", type=int, choices=(0, 1), default=1,
+                   help="1: deterministic CUDA kernels, lapo's default; 0: CUDA's own (time both to see the cost)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default=None,
                    help="bf16 autocast of collect and PPO (default: the preset's); stages 1-2 are timed per precision")
     p.add_argument("--out", default=None, help="also write <out>/bench_summary.json")
@@ -91,7 +93,8 @@ def bench(args):
     precisions = ("fp32", "bf16") if lapo.bf16_fast(device) else ("fp32",)  # bf16 units: time both precisions
 
     def args_of(*argv, amp=args.amp):  # another command's flags, with this preset, seed, device and amp
-        argv += ("--preset", args.preset, "--seed", args.seed, "--device", args.device)
+        argv += ("--preset", args.preset, "--seed", args.seed, "--device", args.device, "--torch-deterministic",
+                 args.torch_deterministic)
         argv += ("--amp", amp) if amp else ()
         return lapo.parse_args([str(x) for x in argv])
 
@@ -175,6 +178,7 @@ def bench(args):
     for what, v, unit in rows:
         print(f"{what:<60} {num(v):>8}  {unit}")
     out = {"bench": {"preset": args.preset, "device": str(device), "precisions": list(precisions),
+                     "torch_deterministic": args.torch_deterministic,
                      "ppo_amp": None if args.no_ppo else amp,
                      "threads": torch.get_num_threads(), "steps": steps, "warmup": args.warmup,
                      "ppo_updates": args.ppo_updates, "frames": len(train) + len(test), **res}}

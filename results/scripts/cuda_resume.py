@@ -5,9 +5,10 @@ checkpoint and resumed; prints the largest weight difference of each against the
     python results/scripts/cuda_resume.py DATA_ROOT/GAME OUT [--device cuda] [--torch-deterministic 0]
 
 e.g. on `python lapo.py collect --preset tiny --env bigfish --out DATA_ROOT`. Measured on an H200 (2026-12-04, before
-lapo had --torch-deterministic, so with CUDA's default kernels): stage 1 differed by up to 0.014 in its weights between
-two runs, and a resumed one by 0.011; stage 2 was bit-exact. With torch.use_deterministic_algorithms(True) (now
-lapo's default on CUDA) all four were bit-exact.
+lapo had --torch-deterministic, so with CUDA's default kernels and no CUBLAS_WORKSPACE_CONFIG): stage 1 differed by up
+to 0.014 in its weights between two runs, and a resumed one by 0.011; stage 2 was bit-exact. With
+torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8 (now lapo's default on CUDA) all four
+were bit-exact. lapo sets the variable with --torch-deterministic 0 too, so 0 is not quite the measured default.
 """
 import argparse
 import os
@@ -52,7 +53,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--torch-deterministic", default="1", choices=("0", "1"))
     a = ap.parse_args()
-    shutil.rmtree(a.out, ignore_errors=True)
+    if os.path.exists(a.out):
+        sys.exit(f"{a.out} exists; give a new folder")
     for stage in ("stage1", "stage2"):
         runs = {}
         for name in ("first", "again", "killed"):

@@ -8,7 +8,7 @@ ceiling). Prints per seed and as mean ± SE: stage 1's probe, the fork's paired 
 seed), and, where `lapo.py stage2` and `stage3 --mode offline` ran in a folder, the offline decoder's held-out
 accuracy and return at N labels: plain LAPO decoding with N labels against the fork decoding with the same N windows
 it saw in stage 1 (equal total labels). With --data, also the majority class of the decoders' held-out windows
-(lapo.heldout_centres of the test split), the accuracy a decoder that ignores its input reaches.
+(lapo.heldout_centres of the test split): the accuracy of a decoder that always answers that class.
 """
 import argparse
 import json
