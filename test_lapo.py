@@ -2348,9 +2348,10 @@ def test_two_ranks_agree_read_their_own_chunks_rank0_alone_writes_and_resume_is_
     for a, b in zip(*(s["modules"] for s in seen)):  # weights and codebooks agree bit for bit after 6 steps
         for k in a:
             assert "running_" in k or torch.equal(a[k], b[k]), k  # (BatchNorm's running statistics: each rank's)
-    for r, s in enumerate(seen):  # each rank read only its train chunks; of the test split, rank 0 (which evaluates)
+    for r, s in enumerate(seen):  # each rank read only its train chunks, and of the test split rank 0 (which evaluates)
+        # all of it, the others its first chunk
         assert {os.path.relpath(p, data) for p in s["read"] if p.startswith(str(data))} == \
-            {"test/0.npz", *["test/1.npz"] * (r == 0), f"train/{r}.npz", f"train/{r + 2}.npz"}, s["read"]  # all
+            {"test/0.npz", *["test/1.npz"] * (r == 0), f"train/{r}.npz", f"train/{r + 2}.npz"}, s["read"]
         assert not [w for w in s["warnings"] if "deprecated" in w], s["warnings"]
     assert not [p for p in seen[1]["wrote"] if p.startswith(f"{tmp_path / 'a'}{os.sep}")]  # rank 1 wrote nothing
     assert seen[1]["ckpts"] == []  # (--out's check opens a nameless file in it: every rank's argument check)

@@ -62,8 +62,8 @@ def main():
         for ax in (top, bottom):
             ax.axhline(0.8, color="k", ls="--", lw=0.8)
             ax.set_ylim(low, 1.15)
-        name = "starpilot on an H200" if video.startswith("gpu") else video
-        top.set_title(f"{name}: ceiling {ceiling:.3f} (runs found / all)")
+        title = "starpilot on an H200" if video.startswith("gpu") else video  # (not `name`: the runs' loop above)
+        top.set_title(f"{title}: ceiling {ceiling:.3f} (runs found / all)")
         top.set_ylabel("share of ceiling above majority")
         bottom.set_xlabel("stage-1 step")
         bottom.legend(fontsize=7)
